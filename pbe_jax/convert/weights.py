@@ -1,0 +1,90 @@
+"""Reading and writing weight files: safetensors (no torch needed), sharded indexes, and PyTorch pickles
+loaded only with `torch.load(weights_only=True)`."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors.numpy needs)
+import numpy as np
+import safetensors.numpy
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be read or do not fit the model; the message names the file and the key."""
+
+
+# Where diffusers (first) and transformers (second) put a component's weights.
+WEIGHT_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
+
+
+def find_weights(folder: Path, variant: str | None = None) -> Path:
+    """The weight file (or shard index) of a component folder, safetensors preferred over pickles."""
+    names = []
+    for base in WEIGHT_NAMES:
+        stem = f"{base}.{variant}" if variant else base
+        names += [f"{stem}.safetensors", f"{stem}.safetensors.index.json", f"{stem}.bin", f"{stem}.bin.index.json"]
+    for name in sorted(names, key=lambda n: (".bin" in n, names.index(n))):
+        if (folder / name).is_file():
+            return folder / name
+    raise WeightsError(f"no weights in {folder} (looked for {', '.join(names)})")
+
+
+def _load_pickle(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise WeightsError(f"{path} is a PyTorch pickle; reading it needs torch (pip install 'pbe-jax[torch]'), "
+                           f"or convert it to safetensors first") from e
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
+        raise WeightsError(f"{path}: refusing to load. It is not a plain tensor pickle that "
+                           f"torch.load(weights_only=True) accepts (it may execute code, or be truncated): "
+                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise WeightsError(f"{path} holds a {type(sd).__name__}, not a dictionary of tensors")
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise WeightsError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        v = v.detach()
+        out[k] = v.float().numpy().astype(ml_dtypes.bfloat16) if v.dtype == torch.bfloat16 else v.numpy()
+    return out
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return safetensors.numpy.load_file(path)
+    except Exception as e:  # SafetensorError for truncated/corrupt files, OSError for unreadable ones
+        raise WeightsError(f"{path}: cannot read safetensors file ({e}); it may be truncated or not "
+                           f"a safetensors file") from e
+
+
+def load_file(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of one weight file or shard index, as numpy arrays keyed by PyTorch parameter name."""
+    path = Path(path)
+    if path.name.endswith(".index.json"):
+        try:
+            index = json.loads(path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise WeightsError(f"{path}: not a shard index with a weight_map ({e})") from e
+        out = {}
+        for shard in sorted(set(index.values())):
+            out.update(load_file(path.parent / shard))
+        return out
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    return _load_safetensors(path) if path.suffix == ".safetensors" else _load_pickle(path)
+
+
+def save_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write atomically: a crash leaves the old file or none, never a truncated one."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
+                                metadata=metadata)
+    os.replace(tmp, path)

@@ -1,0 +1,61 @@
+"""Scaled dot-product attention with a selectable backend, and the diffusers-style attention layer.
+
+Layout (batch, length, heads, head_dim) throughout, as `jax.nn.dot_product_attention` takes it.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pbe_jax.models.layers import Policy, linear
+
+BACKENDS = ("auto", "xla", "cudnn")
+
+
+def resolve_backend(backend: str, q: jax.Array) -> str:
+    """The implementation `backend` means for a query like `q`: "auto" takes cuDNN flash attention on a
+    GPU when the dtype and head size allow it (half precision, head_dim a multiple of 8 up to 128)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    head_dim = q.shape[-1]
+    on_gpu = jax.default_backend() == "gpu"
+    half = q.dtype in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if on_gpu and half and head_dim <= 128 and head_dim % 8 == 0 else "xla"
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "auto") -> jax.Array:
+    """softmax(q kᵀ / √d) v for q (B, Lq, H, D), k and v (B, Lk, H, D).
+
+    A one-token context is computed exactly without the softmax: over a single key the weights are all 1,
+    so every query receives that key's value. That is Paint-by-Example's cross-attention and its mapper,
+    and it spares the kernel a degenerate shape (cuDNN rejects a key length of 1 under differentiation).
+    """
+    if k.shape[1] == 1:
+        return jnp.broadcast_to(v, q.shape[:2] + v.shape[2:]).astype(q.dtype)
+    impl = resolve_backend(backend, q)
+    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
+class Attention(nnx.Module):
+    """diffusers' `Attention` (parameters to_q, to_k, to_v, to_out.0) on token sequences (B, L, C)."""
+
+    def __init__(self, query_dim: int, heads: int, head_dim: int, *, context_dim: int | None = None,
+                 bias: bool = False, policy: Policy, rngs: nnx.Rngs):
+        inner = heads * head_dim
+        context_dim = context_dim or query_dim
+        self.heads, self.backend = heads, policy.attention_backend
+        self.to_q = linear(query_dim, inner, bias, policy, rngs)
+        self.to_k = linear(context_dim, inner, bias, policy, rngs)
+        self.to_v = linear(context_dim, inner, bias, policy, rngs)
+        self.to_out = nnx.List([linear(inner, query_dim, True, policy, rngs)])
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        context = x if context is None else context
+        b, n = x.shape[:2]
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, -1)  # noqa: E731
+        o = dot_product_attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)),
+                                  backend=self.backend)
+        return self.to_out[0](o.reshape(b, n, -1))

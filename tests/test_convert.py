@@ -1,0 +1,119 @@
+"""Conversion: diffusers folders ↔ JAX, this project's checkpoint, the CLI, and export that diffusers opens."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pbe_jax import compare as cmp
+from pbe_jax import reference
+from pbe_jax.convert import convert, is_checkpoint, load, mapping, save
+
+from conftest import TINY_NAMES
+
+
+def params_of(models):
+    return {name: mapping.module_params(m) for name, m in models.components().items()}
+
+
+def assert_identical(a, b):
+    for name in a:
+        assert a[name].keys() == b[name].keys(), name
+        for path in a[name]:
+            x, y = a[name][path], b[name][path]
+            assert x.dtype == y.dtype and x.shape == y.shape, (name, path)
+            assert np.array_equal(x, y), (name, path)
+
+
+@pytest.mark.parametrize("name", TINY_NAMES)
+def test_roundtrip_through_diffusers_folder_is_bit_identical(tiny_folder, tmp_path, name):
+    models = load(tiny_folder(name))
+    save(models, tmp_path / "exported", format="diffusers")
+    again = load(tmp_path / "exported")
+    assert_identical(params_of(models), params_of(again))
+    for comp in ("unet", "vae", "image_encoder"):
+        assert getattr(again, comp).config == getattr(models, comp).config
+    assert again.extra_configs == models.extra_configs
+
+
+def test_exported_folder_opens_in_diffusers_and_computes_the_same(tiny_folder, tmp_path):
+    models = load(tiny_folder("alt"))
+    save(models, tmp_path / "exported", format="diffusers")
+    torch_modules = reference.load_torch(tmp_path / "exported")
+    original = reference.load_torch(tiny_folder("alt"))
+    for name in ("unet", "vae", "image_encoder"):
+        a, b = torch_modules[name].state_dict(), original[name].state_dict()
+        assert a.keys() == b.keys(), name
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    for row in cmp.compare(torch_modules, models):
+        assert row["ok"], row
+
+
+def test_checkpoint_format_loads_without_torch_and_is_identical(tiny_folder, tmp_path):
+    src = tiny_folder("sd")
+    assert convert(src, tmp_path / "ckpt") == "jax"
+    assert is_checkpoint(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "unet").iterdir()) == ["config.json", "params.safetensors"]
+    code = ("import sys, builtins\n"
+            "real = builtins.__import__\n"
+            "def guard(name, *a, **k):\n"
+            "    if name.split('.')[0] in ('torch', 'diffusers', 'transformers'): raise ImportError(name)\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = guard\n"
+            "from pbe_jax.convert import load\n"
+            f"m = load({str(tmp_path / 'ckpt')!r})\n"
+            "print(sorted(m.extra_configs))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "feature_extractor" in out.stdout and "scheduler" in out.stdout
+    assert_identical(params_of(load(src)), params_of(load(tmp_path / "ckpt")))
+
+
+def test_cli_both_directions(tiny_folder, tmp_path):
+    src = tiny_folder("sd")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "pbe_jax.convert", *map(str, a)],  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    r = run(src, tmp_path / "ckpt")
+    assert r.returncode == 0, r.stderr
+    assert "pbe_jax checkpoint" in r.stdout
+    r = run(tmp_path / "ckpt", tmp_path / "back")
+    assert r.returncode == 0, r.stderr
+    assert not is_checkpoint(tmp_path / "back")
+    index = json.loads((tmp_path / "back" / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert (tmp_path / "back" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert_identical(params_of(load(src)), params_of(load(tmp_path / "back")))
+    r = run(tmp_path / "missing", tmp_path / "x")
+    assert r.returncode == 1 and "missing" in r.stderr
+
+
+def test_pickled_bin_weights_load_like_safetensors(tiny_folder, tmp_path):
+    comps = reference.build_tiny("sd")
+    for name in ("unet", "vae", "image_encoder"):
+        comps[name].save_pretrained(tmp_path / name, safe_serialization=False)
+    for name in ("scheduler", "feature_extractor"):
+        comps[name].save_pretrained(tmp_path / name)
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.bin").is_file()
+    assert not list((tmp_path / "unet").glob("*.safetensors"))
+    assert_identical(params_of(load(tiny_folder("sd"))), params_of(load(tmp_path)))
+
+
+def test_transformers5_encoder_key_layout_loads(tiny_folder, tmp_path):
+    """transformers 5 saves the CLIP tower as model.*, released weights as model.vision_model.*."""
+    from pbe_jax.convert.weights import load_file, save_safetensors
+
+    folder = tiny_folder("sd")
+    sd = load_file(folder / "image_encoder" / "model.safetensors")
+    legacy = {("model.vision_model." + k[6:] if k.startswith("model.") else k): v for k, v in sd.items()}
+    legacy["model.vision_model.embeddings.position_ids"] = np.arange(17)[None]
+    (tmp_path / "image_encoder").mkdir()
+    save_safetensors(legacy, tmp_path / "image_encoder" / "model.safetensors")
+    (tmp_path / "image_encoder" / "config.json").write_text((folder / "image_encoder" / "config.json").read_text())
+    from pbe_jax.convert import load_component
+
+    a = mapping.module_params(load_component(folder / "image_encoder", "image_encoder"))
+    b = mapping.module_params(load_component(tmp_path / "image_encoder", "image_encoder"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
