@@ -117,3 +117,31 @@ def test_transformers5_encoder_key_layout_loads(tiny_folder, tmp_path):
     a = mapping.module_params(load_component(folder / "image_encoder", "image_encoder"))
     b = mapping.module_params(load_component(tmp_path / "image_encoder", "image_encoder"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_sharded_safetensors_with_index(tiny_folder, tmp_path):
+    import shutil
+
+    from pbe_jax.convert import load_component
+    from pbe_jax.convert.weights import load_file, save_safetensors
+
+    src = tiny_folder("sd") / "unet"
+    dst = tmp_path / "unet"
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    state = load_file(src / "diffusion_pytorch_model.safetensors")
+    keys = sorted(state)
+    shards = {"part-1.safetensors": keys[: len(keys) // 2], "part-2.safetensors": keys[len(keys) // 2:]}
+    for shard, names in shards.items():
+        save_safetensors({k: state[k] for k in names}, dst / shard)
+    index = {"weight_map": {k: shard for shard, names in shards.items() for k in names}}
+    (dst / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    a = mapping.module_params(load_component(src, "unet"))
+    b = mapping.module_params(load_component(dst, "unet"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_compare_cli_on_a_diffusers_folder(tiny_folder, capsys):
+    assert cmp.main(["--diffusers", str(tiny_folder("alt")), "--batch", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ok"] and [c["component"] for c in result["components"]] == list(cmp.COMPONENTS)
