@@ -1,0 +1,71 @@
+"""The DDPM noise schedule (betas → ᾱ_t), read from a diffusers `scheduler_config.json` or given directly."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import numpy as np
+
+_SUPPORTED = {"beta_schedule": ("scaled_linear", "linear"), "prediction_type": ("epsilon",),
+              "timestep_spacing": ("leading",), "trained_betas": (None,)}
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseSchedule:
+    """ε-prediction DDPM schedule. Defaults are Stable Diffusion's (scaled-linear 0.00085 → 0.012, 1000 steps)
+    and the Paint-by-Example scheduler's (`steps_offset=1`, `set_alpha_to_one=False`)."""
+
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    num_train_timesteps: int = 1000
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+    clip_sample: bool = False
+
+    def __post_init__(self):
+        if self.beta_schedule not in _SUPPORTED["beta_schedule"]:
+            raise ValueError(f"beta_schedule={self.beta_schedule!r} is not supported "
+                             f"(supported: {', '.join(_SUPPORTED['beta_schedule'])})")
+
+    @classmethod
+    def from_config(cls, d: Mapping[str, Any] | None, source: str = "scheduler config") -> "NoiseSchedule":
+        """From a diffusers scheduler config (PNDM or DDIM): the keys that define the schedule are read,
+        options that would change the sampler's arithmetic are refused."""
+        d = dict(d or {})
+        for key, ok in _SUPPORTED.items():
+            if key in d and d[key] not in ok:
+                raise ValueError(f"{source}: {key}={d[key]!r} is not supported (supported: {ok})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def betas(self) -> np.ndarray:
+        n = self.num_train_timesteps
+        if self.beta_schedule == "scaled_linear":
+            return np.linspace(self.beta_start ** 0.5, self.beta_end ** 0.5, n, dtype=np.float32) ** 2
+        return np.linspace(self.beta_start, self.beta_end, n, dtype=np.float32)
+
+    @property
+    def alphas_cumprod(self) -> np.ndarray:
+        """ᾱ_t in float32, accumulated as diffusers does (cumprod of float32 1 − β)."""
+        return np.cumprod(1.0 - self.betas, dtype=np.float32)
+
+    @property
+    def final_alpha_cumprod(self) -> float:
+        """ᾱ used after the last step (diffusers' `set_alpha_to_one`)."""
+        return 1.0 if self.set_alpha_to_one else float(self.alphas_cumprod[0])
+
+    def inference_timesteps(self, steps: int) -> np.ndarray:
+        """diffusers' "leading" spacing, descending: e.g. 981, 961, …, 1 for 50 steps."""
+        if not 1 <= steps <= self.num_train_timesteps:
+            raise ValueError(f"steps must be between 1 and {self.num_train_timesteps}, not {steps}")
+        ratio = self.num_train_timesteps // steps
+        return (np.arange(steps) * ratio + self.steps_offset)[::-1].astype(np.int32)
+
+    def add_noise(self, x0, noise, t):
+        """q(x_t | x_0): √ᾱ_t x_0 + √(1 − ᾱ_t) ε, for training. `t` has one entry per batch row."""
+        import jax.numpy as jnp
+
+        a = jnp.asarray(self.alphas_cumprod)[t].reshape((-1,) + (1,) * (x0.ndim - 1))
+        return jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise

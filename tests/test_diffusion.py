@@ -1,0 +1,106 @@
+"""Samplers against diffusers' schedulers, driven by the same deterministic ε function."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, PNDMScheduler
+
+from pbe_jax.diffusion import NoiseSchedule, guided, make_tables, sample
+
+CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+              set_alpha_to_one=False, steps_offset=1)
+
+
+def fake_eps(x, t):
+    """Depends on the sample and the timestep, like a network, but cheap and identical in both frameworks."""
+    lib = torch if isinstance(x, torch.Tensor) else jnp
+    t = t.float() if isinstance(t, torch.Tensor) else jnp.asarray(t, jnp.float32)
+    return 0.3 * lib.tanh(x) + 0.05 * lib.cos(t / 100.0 + x)
+
+
+def run_diffusers(scheduler, x, steps):
+    scheduler.set_timesteps(steps)
+    calls = []
+    x = torch.from_numpy(x)
+    for t in scheduler.timesteps:
+        calls.append(int(t))
+        x = scheduler.step(fake_eps(x, t), t, x).prev_sample
+    return x.numpy(), calls
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 50])
+def test_plms_matches_pndm_skip_prk(steps):
+    x = np.random.default_rng(0).standard_normal((2, 4, 6, 5)).astype(np.float32)
+    ref, calls = run_diffusers(PNDMScheduler(**CONFIG, skip_prk_steps=True), x, steps)
+    tables = make_tables(NoiseSchedule(), "plms", steps)
+    assert list(tables.timestep) == calls
+    assert len(calls) == steps + 1 if steps > 1 else 1
+    ours = np.asarray(jax.jit(lambda x: sample(fake_eps, x, tables))(x))
+    np.testing.assert_allclose(ours, ref, atol=2e-5 * np.abs(ref).max())
+
+
+def test_plms_50_steps_timesteps_are_the_reference_pipelines():
+    t = make_tables(NoiseSchedule(), "plms", 50).timestep
+    assert len(t) == 51 and list(t[:4]) == [981, 961, 961, 941] and t[-1] == 1
+
+
+@pytest.mark.parametrize("steps,clip", [(4, False), (25, False), (10, True)])
+def test_ddim_eta0_matches_diffusers(steps, clip):
+    x = 3 * np.random.default_rng(1).standard_normal((1, 4, 5, 5)).astype(np.float32)
+    ref, calls = run_diffusers(DDIMScheduler(**CONFIG, clip_sample=clip), x, steps)
+    schedule = NoiseSchedule(clip_sample=clip)
+    tables = make_tables(schedule, "ddim", steps)
+    assert list(tables.timestep) == calls
+    ours = np.asarray(jax.jit(lambda x: sample(fake_eps, x, tables, schedule=schedule))(x))
+    np.testing.assert_allclose(ours, ref, atol=2e-5 * np.abs(ref).max())
+
+
+def test_ddim_eta_noise_is_keyed_and_has_the_reference_variance():
+    schedule = NoiseSchedule()
+    t0, t1 = make_tables(schedule, "ddim", 10, eta=0.0), make_tables(schedule, "ddim", 10, eta=1.0)
+    assert np.all(t0.c == 0) and np.all(t1.c[:-1] > 0)
+    # σ_t² = η² (1 − ᾱ_prev)/(1 − ᾱ_t) (1 − ᾱ_t/ᾱ_prev), diffusers' _get_variance
+    ref = DDIMScheduler(**CONFIG)
+    ref.set_timesteps(10)
+    for i, t in enumerate(ref.timesteps):
+        var = float(ref._get_variance(int(t), int(t) - 100))
+        assert t1.c[i] == pytest.approx(var ** 0.5, rel=1e-5)
+    x = jnp.ones((1, 8, 8, 4))
+    f = jax.jit(lambda x, k: sample(fake_eps, x, t1, k))
+    a, b, c = f(x, jax.random.key(0)), f(x, jax.random.key(0)), f(x, jax.random.key(1))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_schedule_matches_diffusers_alphas():
+    ref = PNDMScheduler(**CONFIG, skip_prk_steps=True)
+    # torch.linspace and np.linspace round the float32 betas differently in the last bit
+    np.testing.assert_allclose(NoiseSchedule().alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=3e-6)
+    assert NoiseSchedule().final_alpha_cumprod == pytest.approx(float(ref.final_alpha_cumprod))
+
+
+def test_schedule_from_config_refuses_what_it_cannot_do():
+    assert NoiseSchedule.from_config({"_class_name": "PNDMScheduler", "skip_prk_steps": True}) == NoiseSchedule()
+    with pytest.raises(ValueError, match="prediction_type='v_prediction'"):
+        NoiseSchedule.from_config({"prediction_type": "v_prediction"})
+    with pytest.raises(ValueError, match="sampler must be"):
+        make_tables(NoiseSchedule(), "euler", 10)
+
+
+def test_guidance_one_call_on_the_concatenated_batch():
+    calls = []
+
+    def eps_fn(x, t, ctx):
+        calls.append(x.shape[0])
+        return x * ctx[:, :, :1].reshape(-1, 1, 1, 1)
+
+    x = jnp.ones((2, 3, 3, 4))
+    cond, uncond = jnp.full((2, 1, 5), 2.0), jnp.full((2, 1, 5), 0.5)
+    out = guided(eps_fn, cond, uncond, 5.0, True)(x, 10)
+    assert calls == [4]
+    np.testing.assert_allclose(out, 0.5 + 5.0 * (2.0 - 0.5))
+    calls.clear()
+    out = guided(eps_fn, cond, uncond, 1.0, False)(x, 10)
+    assert calls == [2]
+    np.testing.assert_allclose(out, 2.0)
