@@ -2,6 +2,7 @@
 offline comparisons, and loading a folder's components into PyTorch. Needs the `[torch]` extra."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +147,50 @@ def load_torch(folder: str | Path) -> dict[str, Any]:
     return {"unet": UNet2DConditionModel.from_pretrained(folder / "unet").eval(),
             "vae": AutoencoderKL.from_pretrained(folder / "vae").eval(),
             "image_encoder": PaintByExampleImageEncoder.from_pretrained(folder / "image_encoder").eval()}
+
+
+def torch_pipeline(folder: str | Path, sampler: str = "plms"):
+    """diffusers' `PaintByExamplePipeline` built from a folder's components (diffusers cannot resolve the
+    image encoder's class from a saved model_index.json), with the PNDM or a DDIM scheduler."""
+    from diffusers import DDIMScheduler, PaintByExamplePipeline, PNDMScheduler
+    from transformers import CLIPImageProcessor
+
+    quiet()
+    folder = Path(folder)
+    nets = load_torch(folder)
+    scheduler = PNDMScheduler.from_pretrained(folder / "scheduler")
+    if sampler == "ddim":
+        scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False)
+    pipe = PaintByExamplePipeline(**nets, scheduler=scheduler, safety_checker=None, requires_safety_checker=False,
+                                  feature_extractor=CLIPImageProcessor.from_pretrained(folder / "feature_extractor"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@contextlib.contextmanager
+def posterior_mean():
+    """Make the reference pipeline encode the masked image with the posterior mean rather than a sample:
+    the two frameworks cannot draw the same noise, so parity runs both with the mean."""
+    import diffusers.pipelines.deprecated.paint_by_example.pipeline_paint_by_example as module
+
+    original = module.retrieve_latents
+    module.retrieve_latents = lambda output, generator=None, sample_mode="sample": output.latent_dist.mode()
+    try:
+        yield
+    finally:
+        module.retrieve_latents = original
+
+
+def run_torch_pipeline(pipe, image, mask, reference, latents, steps: int, guidance_scale: float) -> "np.ndarray":
+    """The reference pipeline on PIL inputs from the given NCHW initial latents → uint8 NHWC, rounded as
+    diffusers' `numpy_to_pil` does."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    pil = lambda xs: [Image.fromarray(x) for x in xs]  # noqa: E731
+    with posterior_mean(), torch.no_grad():
+        out = pipe(example_image=pil(reference), image=pil(image), mask_image=pil(mask),
+                   num_inference_steps=steps, guidance_scale=guidance_scale,
+                   latents=torch.from_numpy(latents), output_type="np").images
+    return (out * 255).round().astype(np.uint8)

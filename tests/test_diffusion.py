@@ -52,14 +52,14 @@ def test_ddim_eta0_matches_diffusers(steps, clip):
     schedule = NoiseSchedule(clip_sample=clip)
     tables = make_tables(schedule, "ddim", steps)
     assert list(tables.timestep) == calls
-    ours = np.asarray(jax.jit(lambda x: sample(fake_eps, x, tables, schedule=schedule))(x))
+    ours = np.asarray(jax.jit(lambda x: sample(fake_eps, x, tables))(x))
     np.testing.assert_allclose(ours, ref, atol=2e-5 * np.abs(ref).max())
 
 
 def test_ddim_eta_noise_is_keyed_and_has_the_reference_variance():
     schedule = NoiseSchedule()
     t0, t1 = make_tables(schedule, "ddim", 10, eta=0.0), make_tables(schedule, "ddim", 10, eta=1.0)
-    assert np.all(t0.c == 0) and np.all(t1.c[:-1] > 0)
+    assert np.all(t0.c == 0) and np.all(t1.c[:-1] > 0) and not t0.clip_x0.any()
     # σ_t² = η² (1 − ᾱ_prev)/(1 − ᾱ_t) (1 − ᾱ_t/ᾱ_prev), diffusers' _get_variance
     ref = DDIMScheduler(**CONFIG)
     ref.set_timesteps(10)

@@ -31,7 +31,8 @@ class Tables(NamedTuple):
     a: np.ndarray  # (S,)
     b: np.ndarray  # (S,)
     c: np.ndarray  # (S,)
-    clip_x0: bool = False  # DDIM's clip_sample: ε̂ is then recomputed from a clipped x̂_0
+    alpha: np.ndarray  # (S,) ᾱ at the step's timestep, for clip_x0
+    clip_x0: np.ndarray  # (S,) bool: DDIM's clip_sample, x̂_0 clipped to [-1, 1] (ε unchanged)
 
 
 def _alpha(schedule: NoiseSchedule, t: int) -> float:
@@ -64,7 +65,7 @@ def plms_tables(schedule: NoiseSchedule, steps: int) -> Tables:
         a_t, a_prev = _alpha(schedule, t), _alpha(schedule, prev)
         denom = a_t * (1 - a_prev) ** 0.5 + (a_t * (1 - a_t) * a_prev) ** 0.5
         rows.append((int(plms[counter]), push, counter == 1, w_new, hist, (a_prev / a_t) ** 0.5,
-                     -(a_prev - a_t) / denom, 0.0))
+                     -(a_prev - a_t) / denom, 0.0, a_t, False))
     return _stack(rows)
 
 
@@ -80,15 +81,14 @@ def ddim_tables(schedule: NoiseSchedule, steps: int, eta: float = 0.0) -> Tables
         # x_prev = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ²) ε + σ z, with x̂_0 = (x − √(1 − ᾱ_t) ε) / √ᾱ_t
         a = (a_prev / a_t) ** 0.5
         b = (1 - a_prev - std ** 2) ** 0.5 - a * (1 - a_t) ** 0.5
-        rows.append((t, False, False, 1.0, np.zeros(4), a, b, std))
-    return _stack(rows)._replace(clip_x0=schedule.clip_sample)
+        rows.append((t, False, False, 1.0, np.zeros(4), a, b, std, a_t, schedule.clip_sample))
+    return _stack(rows)
 
 
 def _stack(rows) -> Tables:
     cols = list(zip(*rows))
-    return Tables(np.asarray(cols[0], np.int32), np.asarray(cols[1]), np.asarray(cols[2]),
-                  np.asarray(cols[3], np.float32), np.asarray(cols[4], np.float32),
-                  *(np.asarray(c, np.float32) for c in cols[5:]))
+    return Tables(np.asarray(cols[0], np.int32), np.asarray(cols[1], bool), np.asarray(cols[2], bool),
+                  *(np.asarray(c, np.float32) for c in cols[3:9]), np.asarray(cols[9], bool))
 
 
 def make_tables(schedule: NoiseSchedule, sampler: str, steps: int, eta: float = 0.0) -> Tables:
@@ -99,32 +99,27 @@ def make_tables(schedule: NoiseSchedule, sampler: str, steps: int, eta: float = 
     raise ValueError(f"sampler must be 'plms' or 'ddim', not {sampler!r}")
 
 
-def sample(eps_fn: EpsFn, x: jax.Array, tables: Tables, key: jax.Array | None = None,
-           schedule: NoiseSchedule | None = None) -> jax.Array:
-    """Run the whole reverse process from x_T (any shape) inside one `lax.scan`. `key` draws DDIM's
-    η-noise (unused when every `c` is 0); `schedule` is needed only for `clip_x0`."""
-    arrays = {k: jnp.asarray(v) for k, v in tables._asdict().items() if k != "clip_x0"}
+def sample(eps_fn: EpsFn, x: jax.Array, tables: Tables, key: jax.Array | None = None) -> jax.Array:
+    """Run the whole reverse process from x_T (any shape) inside one `lax.scan` over `tables` (which may be
+    traced: one compiled loop serves every guidance scale and η). `key` draws DDIM's η-noise."""
     key = jax.random.key(0) if key is None else key
-    acp = jnp.asarray(schedule.alphas_cumprod) if tables.clip_x0 else None
 
     def step(carry, row):
         x, saved, hist = carry
         i, r = row
-        eps = eps_fn(x, r["timestep"]).astype(jnp.float32)
-        hist = jnp.where(r["push"], jnp.concatenate([hist[1:], eps[None]]), hist)
-        eps_hat = r["w_new"] * eps + jnp.tensordot(r["w_hist"], hist, axes=1)
+        eps = eps_fn(x, r.timestep).astype(jnp.float32)
+        hist = jnp.where(r.push, jnp.concatenate([hist[1:], eps[None]]), hist)
+        eps_hat = r.w_new * eps + jnp.tensordot(r.w_hist, hist, axes=1)
         saved = jnp.where(i == 0, x, saved)
-        x_from = jnp.where(r["restart"], saved, x)
-        if tables.clip_x0:  # DDIM's clip_sample: x̂_0 clipped to [-1, 1], ε unchanged
-            a_t = acp[r["timestep"]]
-            x0 = jnp.clip((x_from - jnp.sqrt(1 - a_t) * eps_hat) / jnp.sqrt(a_t), -1, 1)
-            x_from = jnp.sqrt(a_t) * x0 + jnp.sqrt(1 - a_t) * eps_hat
+        x_from = jnp.where(r.restart, saved, x)
+        x0 = jnp.clip((x_from - jnp.sqrt(1 - r.alpha) * eps_hat) / jnp.sqrt(r.alpha), -1, 1)
+        x_from = jnp.where(r.clip_x0, jnp.sqrt(r.alpha) * x0 + jnp.sqrt(1 - r.alpha) * eps_hat, x_from)
         noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
-        x_next = r["a"] * x_from + r["b"] * eps_hat + r["c"] * noise
-        return (x_next.astype(x.dtype), saved, hist), None
+        x_next = r.a * x_from + r.b * eps_hat + r.c * noise
+        return (x_next, saved, hist), None
 
     x32 = x.astype(jnp.float32)
     hist = jnp.zeros((4,) + x.shape, jnp.float32)
-    n = tables.timestep.shape[0]
-    (x_out, _, _), _ = jax.lax.scan(step, (x32, x32, hist), (jnp.arange(n), arrays))
+    rows = jax.tree.map(jnp.asarray, tables)
+    (x_out, _, _), _ = jax.lax.scan(step, (x32, x32, hist), (jnp.arange(tables.timestep.shape[0]), rows))
     return x_out

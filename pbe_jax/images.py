@@ -1,0 +1,153 @@
+"""Image input and output on the host: reading files of any common mode, arrays to RGB/mask, the CLIP
+reference preprocessing of the reference pipeline, and pasting the source back outside the mask."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageError(ValueError):
+    """An input image that cannot be used; the message names the file or the argument."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file; 16-bit and float modes are scaled to 8 bits, so any common file gives an image
+    that `to_rgb`/`to_mask` accept."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except (OSError, UnidentifiedImageError) as e:
+        raise ImageError(f"{path}: cannot read image ({e})") from e
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    return im
+
+
+def _as_uint8(a: np.ndarray, what: str) -> np.ndarray:
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.uint16:
+        return (a.astype(np.float64) / 257.0 + 0.5).astype(np.uint8)
+    if a.dtype == bool:
+        return a.astype(np.uint8) * 255
+    if np.issubdtype(a.dtype, np.floating):
+        if a.min() < 0 or a.max() > 1:
+            raise ImageError(f"{what}: a float image must be in [0, 1], got [{a.min():.3g}, {a.max():.3g}]")
+        return (a * 255.0).round().astype(np.uint8)
+    raise ImageError(f"{what}: unsupported array dtype {a.dtype}")
+
+
+def to_pil(x: Any, what: str) -> Image.Image:
+    """A PIL image from a PIL image, a path, or an (H, W), (H, W, 1|3|4) array (uint8, uint16, bool, or float
+    in [0, 1])."""
+    if isinstance(x, Image.Image):
+        return x
+    if isinstance(x, (str, Path)):
+        return load_image(x)
+    a = np.asarray(x)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+        raise ImageError(f"{what}: expected an (H, W) or (H, W, 3|4) image, got shape {a.shape}")
+    return Image.fromarray(_as_uint8(a, what))
+
+
+def to_rgb(x: Any, what: str = "image") -> np.ndarray:
+    """uint8 (H, W, 3). Grayscale is repeated, alpha dropped, as `Image.convert("RGB")` does."""
+    return np.asarray(to_pil(x, what).convert("RGB"))
+
+
+def to_mask(x: Any, what: str = "mask") -> np.ndarray:
+    """float32 (H, W) in [0, 1] from the image's luminance, white = edit (not yet binarised)."""
+    return np.asarray(to_pil(x, what).convert("L"), np.float32) / 255.0
+
+
+def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bicubic resize of uint8 RGB to (height, width); the identity when the size already matches."""
+    h, w = size
+    if rgb.shape[:2] == (h, w):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((w, h), Image.BICUBIC))
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    h, w = size
+    if mask.shape == (h, w):
+        return mask
+    return np.asarray(Image.fromarray(mask.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceProcessor:
+    """transformers' `CLIPImageProcessor` as the reference pipeline applies it to the exemplar: resize the
+    shortest edge (bicubic), centre crop, scale to [0, 1], normalise. `plain_resize` instead resizes straight
+    to the crop size, as the original Paint-by-Example code does."""
+
+    shortest_edge: int = 224
+    crop: tuple[int, int] = (224, 224)
+    resample: int = Image.BICUBIC
+    mean: tuple = OPENAI_CLIP_MEAN
+    std: tuple = OPENAI_CLIP_STD
+    do_resize: bool = True
+    do_center_crop: bool = True
+    do_normalize: bool = True
+    rescale_factor: float = 1 / 255
+    plain_resize: bool = False
+
+    @classmethod
+    def from_config(cls, d: Mapping[str, Any] | None, image_size: int = 224) -> "ReferenceProcessor":
+        """From `feature_extractor/preprocessor_config.json`; without one, CLIP's settings at `image_size`."""
+        if not d:
+            return cls(shortest_edge=image_size, crop=(image_size, image_size))
+        size, crop = d.get("size", image_size), d.get("crop_size", image_size)
+        edge = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
+        crop = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
+        return cls(shortest_edge=edge, crop=crop, resample=d.get("resample", Image.BICUBIC),
+                   mean=tuple(d.get("image_mean", OPENAI_CLIP_MEAN)), std=tuple(d.get("image_std", OPENAI_CLIP_STD)),
+                   do_resize=d.get("do_resize", True), do_center_crop=d.get("do_center_crop", True),
+                   do_normalize=d.get("do_normalize", True), rescale_factor=d.get("rescale_factor", 1 / 255))
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        """uint8 (H, W, 3) → float32 (crop_h, crop_w, 3), normalised."""
+        im = Image.fromarray(rgb)
+        if self.plain_resize:
+            im = im.resize(self.crop[::-1], self.resample)
+        elif self.do_resize:
+            w, h = im.size
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
+            im = im.resize((new_short, new_long) if w <= h else (new_long, new_short), self.resample)
+        a = np.asarray(im)
+        if self.do_center_crop and not self.plain_resize:
+            ch, cw = self.crop
+            top, left = (a.shape[0] - ch) // 2, (a.shape[1] - cw) // 2
+            if top < 0 or left < 0:
+                raise ImageError(f"reference of size {a.shape[1]}×{a.shape[0]} is smaller than the crop {cw}×{ch}")
+            a = a[top:top + ch, left:left + cw]
+        a = (a.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.do_normalize:
+            a = (a - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return a
+
+
+def paste_back(source: np.ndarray, result: np.ndarray, edit: np.ndarray, feather: float | None = None) -> np.ndarray:
+    """Source pixels exactly where `edit` (H, W, binary) is 0; inside, the result, blended with the source
+    over a Gaussian ramp of `feather` px at the mask's edge so the seam does not show (default: 3 px at
+    512², in proportion at other sizes)."""
+    from PIL import ImageFilter
+
+    feather = max(0.5, min(edit.shape) / 170) if feather is None else feather
+    blurred = np.asarray(Image.fromarray((edit * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(feather)),
+                         np.float32) / 255.0
+    w = (edit * np.clip(2 * blurred - 1, 0, 1))[..., None]  # 0 outside and at the edge, 1 deep inside
+    out = source.astype(np.float32) * (1 - w) + result.astype(np.float32) * w
+    return np.clip(out.round(), 0, 255).astype(np.uint8)
