@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pbe_jax import images
+from pbe_jax import images, parallel
 from pbe_jax.convert import PaintByExampleModels, load
 from pbe_jax.diffusion import NoiseSchedule, guided, make_tables, sample
 from pbe_jax.models import Policy
@@ -79,24 +79,32 @@ class PaintByExample:
     project's checkpoint; calling it edits a batch of images."""
 
     def __init__(self, models: PaintByExampleModels, schedule: NoiseSchedule | None = None,
-                 processor: images.ReferenceProcessor | None = None):
+                 processor: images.ReferenceProcessor | None = None, mesh: jax.sharding.Mesh | None = None):
+        """With a `mesh` (see `parallel.data_mesh`), batches are split over its `data` axis and the networks
+        replicated; a batch that does not divide evenly is padded and trimmed."""
         self.models = models
         self.schedule = schedule or NoiseSchedule.from_config(models.extra_configs.get("scheduler"))
         self.processor = processor or images.ReferenceProcessor.from_config(
             models.extra_configs.get("feature_extractor"), models.image_encoder.config.image_size)
         self.vae_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
         graphdef, state = nnx.split((models.unet, models.vae, models.image_encoder))
-        self._state = state
+        self.mesh = mesh
+        self._state = parallel.replicate(state, mesh) if mesh is not None else state
         self._generate = jax.jit(lambda state, *a, **k: _generate(nnx.merge(graphdef, state), *a, **k),
-                                 static_argnames=("use_guidance", "sample_posterior"))
+                                 static_argnames=("use_guidance", "sample_posterior", "draw_latents"))
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, *, dtype=None, attention: str = "auto",
-                        variant: str | None = None) -> "PaintByExample":
-        """`dtype` is the compute dtype (default: bfloat16 on accelerators, float32 on CPU); parameters stay
-        as stored up to float32. `attention`: "auto", "xla" or "cudnn"."""
+                        variant: str | None = None, mesh: jax.sharding.Mesh | None = None) -> "PaintByExample":
+        """`dtype` is the compute dtype (default: bfloat16 on accelerators, float32 on CPU); parameters are
+        float32. `attention`: "auto", "xla" or "cudnn"."""
         policy = Policy(dtype=jnp.dtype(dtype or default_dtype()), attention_backend=attention)
-        return cls(load(resolve_pretrained(path_or_repo), policy=policy, variant=variant))
+        return cls(load(resolve_pretrained(path_or_repo), policy=policy, variant=variant), mesh=mesh)
+
+    @property
+    def default_size(self) -> int:
+        """The image side the VAE was configured for (512 for Stable Diffusion)."""
+        return self.models.vae.config.sample_size
 
     def preprocess(self, image, mask, reference, height: int = 512, width: int = 512) -> Inputs:
         """PIL images, paths or arrays (single or batched; one reference or mask may serve every image)."""
@@ -127,56 +135,74 @@ class PaintByExample:
                              sampler=sampler, num_images_per_reference=num_images_per_reference, eta=eta,
                              keep_unmasked=keep_unmasked, sample_posterior=sample_posterior)
 
-    def generate(self, x: Inputs, *, steps: int = 50, guidance_scale: float = 5.0, seed: int = 0,
+    def generate(self, x: Inputs, *, steps: int = 50, guidance_scale: float = 5.0, seed: int | Sequence[int] = 0,
                  latents: np.ndarray | None = None, sampler: str = "plms", num_images_per_reference: int = 1,
                  eta: float = 0.0, keep_unmasked: bool = False, sample_posterior: bool = True) -> np.ndarray:
-        """`__call__` on preprocessed inputs."""
+        """`__call__` on preprocessed inputs. Every output row draws its noise from its own key: row r from
+        `seed` + r (or from `seed[r]` when a list is given), so an image's edit does not depend on the batch
+        it is in, the device count, or padding."""
         n = num_images_per_reference
         if n < 1:
             raise ValueError(f"num_images_per_reference must be ≥ 1, not {n}")
         b, h, w = x.image.shape[:3]
-        shape = (b * n, h // self.vae_factor, w // self.vae_factor, self.models.vae.config.latent_channels)
-        key_noise, key_rest = jax.random.split(jax.random.key(seed))
+        rows = b * n
+        seeds = list(seed) if isinstance(seed, (list, tuple, np.ndarray)) else [seed + r for r in range(rows)]
+        if len(seeds) != rows:
+            raise ValueError(f"{len(seeds)} seeds given for {rows} output images")
+        lh, lw = h // self.vae_factor, w // self.vae_factor
+        c = self.models.vae.config.latent_channels
         if latents is None:
-            z = jax.random.normal(key_noise, shape, jnp.float32)
+            z = np.zeros((rows, lh, lw, c), np.float32)  # drawn per row inside the jit
         else:
             z = np.asarray(latents, np.float32)
-            if z.shape != (shape[0], shape[3], shape[1], shape[2]):
-                raise ValueError(f"latents must have diffusers' NCHW shape {(shape[0], shape[3]) + shape[1:3]}, "
-                                 f"got {z.shape}")
-            z = jnp.asarray(z.transpose(0, 2, 3, 1))
+            if z.shape != (rows, c, lh, lw):
+                raise ValueError(f"latents must have diffusers' NCHW shape {(rows, c, lh, lw)}, got {z.shape}")
+            z = z.transpose(0, 2, 3, 1)
         tables = make_tables(self.schedule, sampler, steps, eta)
         rep = lambda a: np.repeat(a, n, axis=0)  # noqa: E731
-        out = self._generate(self._state, rep(x.image), rep(x.keep), rep(x.reference), z, key_rest, tables,
-                             jnp.float32(guidance_scale), use_guidance=guidance_scale > 1.0,
-                             sample_posterior=sample_posterior)
-        out = np.asarray(out)
+        batch = (rep(x.image), rep(x.keep), rep(x.reference), z, np.asarray(seeds, np.uint32))
+        if self.mesh is not None:
+            padded = parallel.pad_to_multiple(rows, self.mesh.size)
+            batch = parallel.shard_batch(tuple(np.concatenate([a, np.repeat(a[-1:], padded - rows, axis=0)])
+                                               for a in batch), self.mesh)
+        out = self._generate(self._state, *batch, tables, jnp.float32(guidance_scale),
+                             use_guidance=guidance_scale > 1.0, sample_posterior=sample_posterior,
+                             draw_latents=latents is None)
+        out = np.asarray(out)[:rows]
         if keep_unmasked:
             out = np.stack([images.paste_back(s, o, 1.0 - k[..., 0])
                             for s, o, k in zip(rep(x.source_rgb), out, rep(x.keep))])
         return out
 
 
-def _generate(nets, image, keep, reference, z, key, tables, scale, *, use_guidance: bool, sample_posterior: bool):
-    """Everything after host preprocessing, traced once per shape: condition, masked-image latents, the
-    sampler loop, decoding, uint8."""
+def _generate(nets, image, keep, reference, z, seeds, tables, scale, *, use_guidance: bool,
+              sample_posterior: bool, draw_latents: bool):
+    """Everything after host preprocessing, traced once per shape: per-row keys, condition, masked-image
+    latents, the sampler loop, decoding, uint8."""
     unet, vae, encoder = nets
     b = z.shape[0]
+    keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s), 3))(seeds)  # (B, 3): noise, posterior, η
+    if draw_latents:
+        z = jax.vmap(lambda k: jax.random.normal(k, z.shape[1:], jnp.float32))(keys[:, 0])
     cond = encoder(reference)
     uncond = encoder.uncond(b)
-    key_posterior, key_sampler = jax.random.split(key)
     posterior = vae.encode(image * keep)
-    masked = vae.scale(posterior.sample(key_posterior) if sample_posterior else posterior.mode())
+    if sample_posterior:
+        noise = jax.vmap(lambda k: jax.random.normal(k, posterior.mean.shape[1:], jnp.float32))(keys[:, 1])
+        masked = posterior.mean + jnp.exp(0.5 * posterior.logvar) * noise.astype(posterior.mean.dtype)
+    else:
+        masked = posterior.mode()
+    masked = vae.scale(masked).astype(jnp.float32)
     lh, lw = z.shape[1:3]
     f = image.shape[1] // lh
     keep_latent = keep[:, ::f, ::f][:, :lh, :lw]  # torch's nearest interpolation at an integer factor
+    extra = jnp.concatenate([masked, keep_latent], axis=-1)
 
     def eps_fn(x, t, context):
         reps = x.shape[0] // b
-        extra = jnp.concatenate([masked.astype(jnp.float32), keep_latent], axis=-1)
         return unet(jnp.concatenate([x, jnp.tile(extra, (reps, 1, 1, 1))], axis=-1), t, context)
 
-    latents = sample(guided(eps_fn, cond, uncond, scale, use_guidance), z, tables, key_sampler)
+    latents = sample(guided(eps_fn, cond, uncond, scale, use_guidance), z, tables, keys[:, 2])
     decoded = vae.decode(vae.unscale(latents)).astype(jnp.float32)
     return jnp.round(jnp.clip(decoded / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
 

@@ -101,8 +101,14 @@ def make_tables(schedule: NoiseSchedule, sampler: str, steps: int, eta: float = 
 
 def sample(eps_fn: EpsFn, x: jax.Array, tables: Tables, key: jax.Array | None = None) -> jax.Array:
     """Run the whole reverse process from x_T (any shape) inside one `lax.scan` over `tables` (which may be
-    traced: one compiled loop serves every guidance scale and η). `key` draws DDIM's η-noise."""
+    traced: one compiled loop serves every guidance scale and η). `key` draws DDIM's η-noise: one key for
+    the whole array, or one per row of x (shape (B,)) so that each row's noise is its own."""
     key = jax.random.key(0) if key is None else key
+
+    def draw(i):
+        if key.ndim == 0:
+            return jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
+        return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], jnp.float32))(key)
 
     def step(carry, row):
         x, saved, hist = carry
@@ -114,8 +120,7 @@ def sample(eps_fn: EpsFn, x: jax.Array, tables: Tables, key: jax.Array | None = 
         x_from = jnp.where(r.restart, saved, x)
         x0 = jnp.clip((x_from - jnp.sqrt(1 - r.alpha) * eps_hat) / jnp.sqrt(r.alpha), -1, 1)
         x_from = jnp.where(r.clip_x0, jnp.sqrt(r.alpha) * x0 + jnp.sqrt(1 - r.alpha) * eps_hat, x_from)
-        noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
-        x_next = r.a * x_from + r.b * eps_hat + r.c * noise
+        x_next = r.a * x_from + r.b * eps_hat + r.c * draw(i)
         return (x_next, saved, hist), None
 
     x32 = x.astype(jnp.float32)
