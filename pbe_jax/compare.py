@@ -4,11 +4,14 @@ and inputs, per component (image encoder, VAE encode, VAE decode, UNet).
     python -m pbe_jax.compare                      # a tiny random pipeline built here (offline)
     python -m pbe_jax.compare --diffusers DIR      # a diffusers Paint-by-Example folder
     python -m pbe_jax.compare --random sd14        # random weights at full SD-1.4 size (GPU advised)
+    python -m pbe_jax.compare --end-to-end         # also the whole pipeline against PaintByExamplePipeline
 
 Errors are max |jax − torch| and that divided by max |torch| (the output's scale). In float32 the check is
 error ≤ tolerance × scale. With --dtype bfloat16 the port runs in bf16 against the float32 reference and
 the check is that its error is at most twice PyTorch's own bf16 error on the same inputs.
-Exit status 1 when any component fails.
+End to end, both pipelines start from the same initial latents and encode the masked image with the
+posterior mean (the frameworks cannot draw the same noise); the check is max |Δ| ≤ 2 on the uint8 output,
+for PLMS and DDIM. Exit status 1 when any check fails.
 """
 from __future__ import annotations
 
@@ -118,6 +121,39 @@ def compare(torch_modules: dict[str, Any], models, *, dtype: str = "float32", ba
     return rows
 
 
+def compare_end_to_end(folder, *, batch: int = 2, steps: int = 10, guidance_scale: float = 5.0,
+                       seed: int = 0, policy=None) -> list[dict]:
+    """The JAX pipeline and diffusers' PaintByExamplePipeline on the same random images and initial latents."""
+    from pbe_jax import reference
+    from pbe_jax.pipeline import PaintByExample
+
+    from pbe_jax.convert import load
+
+    ours = PaintByExample(load(folder, policy=policy))
+    size = ours.default_size
+    rng = np.random.default_rng(seed)
+    img = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(batch)]
+    masks = []
+    for i in range(batch):
+        m = np.zeros((size, size), np.uint8)
+        m[size // 4: 3 * size // 4, size // 5 + i: 3 * size // 5 + i] = 255
+        masks.append(m)
+    refs = [rng.integers(0, 256, (size + 7 * i, size - 5 * i, 3), dtype=np.uint8) for i in range(batch)]
+    f = ours.vae_factor
+    latents = rng.standard_normal((batch, ours.models.vae.config.latent_channels, size // f, size // f),
+                                  np.float32)
+    rows = []
+    for sampler in ("plms", "ddim"):
+        theirs = reference.run_torch_pipeline(reference.torch_pipeline(folder, sampler), img, masks, refs, latents,
+                                              steps, guidance_scale)
+        mine = ours(img, masks, refs, steps=steps, guidance_scale=guidance_scale, latents=latents,
+                    sampler=sampler, height=size, width=size, sample_posterior=False)
+        err = int(np.abs(mine.astype(int) - theirs.astype(int)).max())
+        rows.append({"component": f"pipeline/{sampler}", "shape": list(mine.shape), "dtype": "uint8",
+                     "max_abs": float(err), "scale": 255.0, "rel": err / 255.0, "limit": 2.0, "ok": err <= 2})
+    return rows
+
+
 def format_rows(rows: list[dict]) -> str:
     head = f"{'component':<14}{'shape':<22}{'max abs err':>13}{'scale':>11}{'rel err':>11}{'limit':>11}  ok"
     lines = [head]
@@ -143,6 +179,9 @@ def main(argv=None) -> int:
     p.add_argument("--tolerance", type=float, default=1e-4, help="float32 limit, relative to the output scale")
     p.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto", help="JAX attention backend")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--end-to-end", action="store_true",
+                   help="also compare whole pipelines (PLMS and DDIM; needs a folder: --diffusers or a tiny --random)")
+    p.add_argument("--steps", type=int, default=10, help="denoising steps for --end-to-end (default 10)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
 
@@ -157,23 +196,26 @@ def main(argv=None) -> int:
         jax.config.update("jax_default_matmul_precision", "highest")
         reference.disable_tf32()
     policy = Policy(dtype=jnp.dtype(args.dtype), attention_backend=args.attention)
+    if args.end_to_end and args.random == "sd14" and not args.diffusers:
+        p.error("--end-to-end needs a folder: use --diffusers DIR or a tiny --random configuration")
     t0 = time.perf_counter()
-    if args.diffusers:
-        source = args.diffusers
-        torch_modules = reference.load_torch(args.diffusers)
-        models = load(args.diffusers, policy=policy)
-    elif args.random == "sd14":
-        source = "random SD-1.4-size weights"
-        torch_modules = reference.build_full_size()
-        models = reference.to_jax(torch_modules, policy)
-    else:
-        source = f"tiny random pipeline '{args.random}'"
-        with tempfile.TemporaryDirectory() as d:
-            reference.save_tiny(d, args.random, seed=args.seed)
-            torch_modules = reference.load_torch(d)
-            models = load(d, policy=policy)
-    rows = compare(torch_modules, models, dtype=args.dtype, batch=args.batch, image_size=args.size,
-                   tolerance=args.tolerance, seed=args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.diffusers:
+            source, folder = args.diffusers, args.diffusers
+            torch_modules = reference.load_torch(folder)
+            models = load(folder, policy=policy)
+        elif args.random == "sd14":
+            source, folder = "random SD-1.4-size weights", None
+            torch_modules = reference.build_full_size()
+            models = reference.to_jax(torch_modules, policy)
+        else:
+            source, folder = f"tiny random pipeline '{args.random}'", reference.save_tiny(tmp, args.random, seed=args.seed)
+            torch_modules = reference.load_torch(folder)
+            models = load(folder, policy=policy)
+        rows = compare(torch_modules, models, dtype=args.dtype, batch=args.batch, image_size=args.size,
+                       tolerance=args.tolerance, seed=args.seed)
+        if args.end_to_end:
+            rows += compare_end_to_end(folder, batch=args.batch, steps=args.steps, seed=args.seed, policy=policy)
     ok = all(r["ok"] for r in rows)
     info = {"source": source, "device": str(jax.devices()[0].device_kind), "dtype": args.dtype,
             "seconds": round(time.perf_counter() - t0, 1), "ok": ok}

@@ -99,3 +99,13 @@ def test_flax_and_torch_names_are_inverse():
     a = np.arange(2 * 3 * 5 * 7).reshape(2, 3, 5, 7)
     assert np.array_equal(mapping.to_torch_layout(path, mapping.to_flax_layout(path, a)), a)
     assert mapping.torch_shape(path, mapping.to_flax_layout(path, a).shape) == a.shape
+
+
+def test_compare_cli_end_to_end(capsys):
+    assert cmp.main(["--random", "sd", "--batch", "1", "--end-to-end", "--steps", "4", "--json"]) == 0
+    import json
+
+    result = json.loads(capsys.readouterr().out)
+    rows = {r["component"]: r for r in result["components"]}
+    assert rows["pipeline/plms"]["ok"] and rows["pipeline/ddim"]["ok"]
+    assert rows["pipeline/plms"]["max_abs"] <= 2

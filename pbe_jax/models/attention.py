@@ -35,8 +35,19 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: 
     """
     if k.shape[1] == 1:
         return jnp.broadcast_to(v, q.shape[:2] + v.shape[2:]).astype(q.dtype)
-    impl = resolve_backend(backend, q)
-    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    if resolve_backend(backend, q) == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    return _xla_attention(q, k, v)
+
+
+def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Plain batched matmuls in (B, H, L, D) order, logits and softmax in float32. Numerically what
+    `jax.nn.dot_product_attention(implementation="xla")` computes, and on CPU markedly faster for small
+    heads (the (B, L, H, D) contraction it lowers to transposes inside every product)."""
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    logits = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.matmul(probs, v).transpose(0, 2, 1, 3)
 
 
 class Attention(nnx.Module):
