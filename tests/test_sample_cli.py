@@ -49,6 +49,7 @@ def test_batch_manifest_resume_and_failures(tiny_folder, tmp_path):
     rows = write_inputs(tmp_path, 5)
     (tmp_path / "src_2.png").write_bytes(b"not a png")  # unreadable
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "mask_3.png")  # empty mask
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "mask_1.png")  # full mask: a valid edit
     (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "out"
     args = ["--pretrained", str(tiny_folder("sd")), "--batch", str(tmp_path / "jobs.jsonl"), "--out", str(out),
