@@ -84,12 +84,15 @@ def module_params(module: nnx.Module) -> dict[Path, np.ndarray]:
 
 
 def from_torch(cls: type, config, policy: Policy, state_dict: dict[str, np.ndarray], source: str,
-               ignore: Callable[[str], bool] = lambda k: False) -> nnx.Module:
+               ignore: Callable[[str], bool] = lambda k: False,
+               given: dict[Path, np.ndarray] | None = None) -> nnx.Module:
     """Build `cls(config, policy=policy)` from a PyTorch state dict. Names the model has no parameter for
-    are an error unless `ignore` says they are known buffers; nothing is dropped silently."""
+    are an error unless `ignore` says they are known buffers; nothing is dropped silently. `given` supplies
+    parameters (flax layout) that the state dict does not have, e.g. freshly initialised new layers."""
     expected = {p: v.get_value() for p, v in abstract_model(cls, config, policy)[1].items()}
     by_torch = {torch_name(p): p for p in expected}
-    problems, params = [], {}
+    params = dict(given or {})
+    problems = []
     for key, a in state_dict.items():
         path = by_torch.get(key)
         if path is None:
@@ -104,7 +107,7 @@ def from_torch(cls: type, config, policy: Policy, state_dict: dict[str, np.ndarr
             continue
         params[path] = got
     problems += [f"missing {k} (expected shape {torch_shape(p, expected[p].shape)})"
-                 for k, p in by_torch.items() if k not in state_dict]
+                 for k, p in by_torch.items() if k not in state_dict and p not in params]
     if problems:
         raise WeightsError(_report(source, problems))
     return materialize(cls, config, policy, params, source)

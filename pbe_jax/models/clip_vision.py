@@ -48,7 +48,7 @@ class CLIPVisionConfig:
         token ids): they are skipped."""
         if "vision_config" in d and "hidden_size" not in d:
             projection_dim = d.get("projection_dim", cls.projection_dim)
-            d = {"projection_dim": projection_dim, **d["vision_config"]}
+            d = {**d["vision_config"], "projection_dim": projection_dim}
         return from_mapping(cls, d, source, strict=False)
 
     def to_dict(self) -> dict:

@@ -174,6 +174,12 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_norm_out = group_norm(ch[0], cfg.norm_num_groups, cfg.norm_eps, policy, rngs)
         self.conv_out = conv(ch[0], cfg.out_channels, 3, policy, rngs)
         self.dtype = policy.dtype
+        self.remat = False  # set True for training: each ResNet and transformer is recomputed in backward
+
+    def _run(self, module: nnx.Module, *args) -> jax.Array:
+        if self.remat:
+            return nnx.remat(lambda m, *a: m(*a))(module, *args)
+        return module(*args)
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
         cfg = self.config
@@ -190,22 +196,23 @@ class UNet2DConditionModel(nnx.Module):
         skips = [x]
         for block in self.down_blocks:
             for j, resnet in enumerate(block.resnets):
-                x = resnet(x, temb)
+                x = self._run(resnet, x, temb)
                 if block.attentions is not None:
-                    x = block.attentions[j](x, context)
+                    x = self._run(block.attentions[j], x, context)
                 skips.append(x)
             if block.downsamplers is not None:
                 x = block.downsamplers[0](x)
                 skips.append(x)
 
         mid = self.mid_block
-        x = mid.resnets[1](mid.attentions[0](mid.resnets[0](x, temb), context), temb)
+        x = self._run(mid.resnets[0], x, temb)
+        x = self._run(mid.resnets[1], self._run(mid.attentions[0], x, context), temb)
 
         for block in self.up_blocks:
             for j, resnet in enumerate(block.resnets):
-                x = resnet(jnp.concatenate([x, skips.pop()], axis=-1), temb)
+                x = self._run(resnet, jnp.concatenate([x, skips.pop()], axis=-1), temb)
                 if block.attentions is not None:
-                    x = block.attentions[j](x, context)
+                    x = self._run(block.attentions[j], x, context)
             if block.upsamplers is not None:
                 # Upsample to the next skip's size: 2× unless the input size was not a multiple of 2^levels.
                 x = block.upsamplers[0](x, skips[-1].shape[1:3])

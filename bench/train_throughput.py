@@ -1,0 +1,206 @@
+"""Training-step throughput: the JAX step against the PyTorch reference step, measured in one run.
+
+    python bench/train_throughput.py                    # GPU: SD-1.4 size, 512²; CPU: the tiny config
+    python bench/train_throughput.py --batches 16,32 --remat both
+
+The JAX step is the real one (`pbe_jax.train.step`): on-device masks and reference augmentation, two VAE
+encodes, the CLIP tower and bottleneck, UNet forward and backward, AdamW. "unet_only" is the UNet forward,
+backward and AdamW on ready latents. The PyTorch reference (diffusers UNet, 2 VAE encodes, CLIP, AdamW,
+bf16 autocast on GPU) runs in a subprocess afterwards. Prints one JSON object: samples/s, step time, peak
+memory, first-step (compile) time, and MFU from XLA's FLOP count where the device's peak is known.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendor figures
+
+
+def batch(b: int, size: int, ref: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    box = np.array([size * 0.3, size * 0.3, size * 0.7, size * 0.7], np.float32)
+    return {"image": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8),
+            "reference": rng.integers(0, 256, (b, ref, ref, 3), dtype=np.uint8),
+            "box": np.tile(box, (b, 1)), "box_ext": np.tile(box + [-20, -20, 20, 20], (b, 1)).clip(0, size)}
+
+
+def timed(fn, state, args, reps):
+    import jax
+
+    t0 = time.perf_counter()
+    state, out = fn(state, *args)
+    jax.block_until_ready(out)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        state, out = fn(state, *args)
+    jax.block_until_ready(out)
+    return first, (time.perf_counter() - t0) / reps
+
+
+def run_jax(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from pbe_jax import parallel
+    from pbe_jax.train import config as config_lib
+    from pbe_jax.train.loop import build_trainer
+    from pbe_jax.convert.init import from_scratch
+    from pbe_jax.models import CLIPVisionConfig, Policy, UNetConfig, VAEConfig
+
+    dev = jax.devices()[0]
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in dev.device_kind), None)
+    out = {"device": dev.device_kind, "peak_tflops": peak}
+    for remat in args.remat_options:
+        for b in args.batch_sizes:
+            overrides = [f"data.batch_size={b}", f"model.remat={remat}", "optim.warmup_steps=1"]
+            if args.config == "sd14":
+                cfg = config_lib.override(config_lib.load("sd14"), overrides + ["model.init=scratch"])
+                policy = Policy(dtype=jnp.bfloat16)
+                models = from_scratch(UNetConfig(), VAEConfig(), CLIPVisionConfig(), policy=policy)
+            else:
+                cfg = config_lib.override(config_lib.load("tiny"), overrides)
+                models = None
+            key = f"bs{b}_remat{int(remat)}"
+            try:
+                trainer = build_trainer(cfg, models=models, mesh=parallel.make_mesh(devices=jax.devices()[:1]))
+                x = parallel.global_batch(batch(b, cfg.data.image_size, cfg.data.reference_size), trainer.mesh)
+                flops = trainer.step_fn.lower(trainer.state, x).compile().cost_analysis()
+                flops = (flops[0] if isinstance(flops, list) else flops or {}).get("flops")
+                first, dt = timed(trainer.step_fn, trainer.state, (x,), args.reps)
+                stats = dev.memory_stats() or {}
+                row = {"step_s": round(dt, 4), "samples_per_s": round(b / dt, 2), "first_step_s": round(first, 1),
+                       "peak_GiB": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2) or None,
+                       "tflops": round(flops / dt / 1e12, 1) if flops else None}
+                if flops and peak:
+                    row["mfu"] = round(flops / dt / 1e12 / peak, 3)
+                out[key] = row
+                del trainer
+            except Exception as e:  # out of memory at a size is a result, not a crash
+                out[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            print(json.dumps({"jax": {key: out[key]}}), file=sys.stderr, flush=True)
+    return out
+
+
+def run_torch(args) -> dict:
+    import torch
+
+    from pbe_jax import reference
+
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    if args.config == "sd14":
+        nets = reference.build_full_size()
+        size, ref = 512, 224
+    else:
+        nets = reference.load_torch(args.folder)
+        size, ref = 64, 32
+    unet, vae, enc = (nets[k].to(dev) for k in ("unet", "vae", "image_encoder"))
+    trainable = list(unet.parameters()) + list(enc.mapper.parameters()) + list(enc.final_layer_norm.parameters()) \
+        + list(enc.proj_out.parameters()) + [enc.uncond_vector]
+    opt = torch.optim.AdamW(trainable, lr=1e-5)
+    alphas = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, device=dev) ** 2, 0)
+    out = {"device": torch.cuda.get_device_name(0) if cuda else "cpu"}
+    for remat in args.remat_options:
+        unet.enable_gradient_checkpointing() if remat else unet.disable_gradient_checkpointing()
+        for b in args.batch_sizes:
+            def step():
+                gt = torch.randn(b, 3, size, size, device=dev)
+                refi = torch.randn(b, 3, ref, ref, device=dev)
+                with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
+                    with torch.no_grad():
+                        z = vae.encode(gt).latent_dist.sample() * 0.18215
+                        zm = vae.encode(gt * 0.5).latent_dist.sample() * 0.18215
+                    c = enc(refi)
+                    t = torch.randint(0, 1000, (b,), device=dev)
+                    n = torch.randn_like(z)
+                    a = alphas[t].view(-1, 1, 1, 1)
+                    m = torch.ones(b, 1, *z.shape[2:], device=dev)
+                    eps = unet(torch.cat([a.sqrt() * z + (1 - a).sqrt() * n, zm, m], 1), t,
+                               encoder_hidden_states=c).sample
+                    loss = torch.nn.functional.mse_loss(eps.float(), n)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if cuda:
+                    torch.cuda.synchronize()
+
+            key = f"bs{b}_remat{int(remat)}"
+            try:
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                step()
+                first = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                for _ in range(args.reps):
+                    step()
+                dt = (time.perf_counter() - t0) / args.reps
+                out[key] = {"step_s": round(dt, 4), "samples_per_s": round(b / dt, 2), "first_step_s": round(first, 1),
+                            "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+            except torch.OutOfMemoryError:
+                out[key] = "OutOfMemoryError"
+                torch.cuda.empty_cache()
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=["sd14", "tiny"], default=None, help="default: sd14 on GPU, tiny on CPU")
+    p.add_argument("--batches", default=None, help="default 16,32 on GPU, 8 on CPU")
+    p.add_argument("--remat", choices=["off", "on", "both"], default="both")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    import jax
+
+    gpu = jax.default_backend() == "gpu"
+    args.config = args.config or ("sd14" if gpu else "tiny")
+    args.batch_sizes = [int(b) for b in (args.batches or ("16,32" if gpu else "8")).split(",")]
+    args.remat_options = {"off": [False], "on": [True], "both": [False, True]}[args.remat]
+    if args.torch_only:
+        print("RESULT " + json.dumps(run_torch(args)))
+        return
+    result = {"config": args.config, "jax": run_jax(args)}
+    if not args.no_torch:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, __file__, "--torch-only", "--config", args.config, "--reps", str(args.reps),
+                   "--batches", ",".join(map(str, args.batch_sizes)), "--remat", args.remat]
+            if args.config == "tiny":
+                cmd += ["--folder", str(_tiny_torch_folder(tmp))]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if not line:
+                raise RuntimeError(f"the PyTorch run failed:\n{proc.stderr[-3000:]}")
+            result["torch"] = json.loads(line[0][len("RESULT "):])
+        result["ratio_samples_per_s"] = {
+            k: round(v["samples_per_s"] / result["torch"][k]["samples_per_s"], 2)
+            for k, v in result["jax"].items() if isinstance(v, dict) and isinstance(result["torch"].get(k), dict)}
+    print(json.dumps(result, indent=1))
+
+
+def _tiny_torch_folder(tmp: str) -> Path:
+    """The tiny config's networks as a diffusers folder, so PyTorch steps the same architecture."""
+    from pbe_jax import convert
+    from pbe_jax.train import config as config_lib
+    from pbe_jax.train.loop import build_models
+
+    return convert.save(build_models(config_lib.load("tiny")), Path(tmp) / "tiny", format="diffusers")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Where training starts: Stable Diffusion v1.x plus a CLIP vision tower (the paper's initialisation:
+`conv_in` widened 4 → 9 with zeros, bottleneck and uncond vector fresh), a Paint-by-Example folder
+(fine-tuning), or random weights for small configurations. Random weights are drawn with numpy on the
+host, with PyTorch's default schemes, so no jitted initialisation ever runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from pbe_jax.convert import mapping
+from pbe_jax.convert.diffusers import (COMPONENTS, PaintByExampleModels, from_state_dict, load, load_component,
+                                       read_json)
+from pbe_jax.convert.weights import WeightsError, find_weights, load_file
+from pbe_jax.models import CLIPVisionConfig, PaintByExampleImageEncoder, Policy, UNetConfig, VAEConfig
+
+BOTTLENECK = ("mapper", "final_layer_norm", "proj_out", "uncond_vector")
+
+
+def random_params(cls: type, config, policy: Policy, seed: int = 0,
+                  only: tuple[str, ...] | None = None) -> dict[mapping.Path, np.ndarray]:
+    """PyTorch-default random parameters for `cls(config)` (flax layout): Linear/Conv kernels and biases
+    uniform in ±1/√fan_in, norms 1 and 0, embeddings and learned vectors N(0, 1) (N(0, 0.02) for
+    position embeddings). `only` restricts to paths under these top-level names."""
+    rng = np.random.default_rng(seed)
+    flat = mapping.abstract_model(cls, config, policy)[1]
+    kernels = {p[:-1]: v.get_value().shape for p, v in flat.items() if p[-1] == "kernel"}
+    out = {}
+    for path, var in flat.items():
+        if only is not None and path[0] not in only:
+            continue
+        shape, leaf = var.get_value().shape, path[-1]
+        if leaf in ("kernel", "bias") and path[:-1] in kernels:
+            k = kernels[path[:-1]]
+            bound = 1 / np.sqrt(np.prod(k[:-1]))  # fan_in: every axis but the output's
+            out[path] = rng.uniform(-bound, bound, shape).astype(np.float32)
+        elif leaf == "scale":
+            out[path] = np.ones(shape, np.float32)
+        elif leaf == "bias":
+            out[path] = np.zeros(shape, np.float32)
+        else:
+            std = 0.02 if "position_embedding" in path else 1.0
+            out[path] = (std * rng.standard_normal(shape)).astype(np.float32)
+    return out
+
+
+def random_module(cls: type, config, policy: Policy = Policy(), seed: int = 0) -> nnx.Module:
+    return mapping.materialize(cls, config, policy, random_params(cls, config, policy, seed), f"random {cls.__name__}")
+
+
+def from_scratch(unet: UNetConfig, vae: VAEConfig, image_encoder: CLIPVisionConfig, *, policy: Policy = Policy(),
+                 seed: int = 0, extra_configs: dict | None = None) -> PaintByExampleModels:
+    """All three networks random (for small configurations trained end to end)."""
+    nets = {name: random_module(COMPONENTS[name].model, cfg, policy, seed + i)
+            for i, (name, cfg) in enumerate((("unet", unet), ("vae", vae), ("image_encoder", image_encoder)))}
+    return PaintByExampleModels(**nets, extra_configs=dict(extra_configs or {}))
+
+
+def _vision_key(key: str) -> str | None:
+    """A CLIP checkpoint key as the image encoder names it, or None for the parts it does not use (the text
+    tower and the projections of a full CLIPModel)."""
+    if key.startswith("vision_model."):
+        return "model." + key
+    if key.startswith(("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")):  # transformers 5
+        return "model.vision_model." + key
+    if key.startswith(("text_model.", "visual_projection.", "text_projection.", "logit_scale")):
+        return None
+    return key  # anything else is reported as unexpected
+
+
+def from_stable_diffusion(sd_folder: str | Path, clip_folder: str | Path, *, policy: Policy = Policy(),
+                          seed: int = 0) -> PaintByExampleModels:
+    """The paper's initialisation from an SD v1.x diffusers folder (unet/, vae/, scheduler/) and a CLIP
+    vision folder (e.g. openai/clip-vit-large-patch14: a CLIPModel or CLIPVisionModel checkpoint)."""
+    sd_folder, clip_folder = Path(sd_folder), Path(clip_folder)
+    unet_cfg = read_json(sd_folder / "unet" / "config.json")
+    if unet_cfg.get("in_channels") != 4:
+        raise ValueError(f"{sd_folder / 'unet' / 'config.json'}: in_channels is {unet_cfg.get('in_channels')}, "
+                         f"an SD v1.x text-to-image UNet has 4")
+    path = find_weights(sd_folder / "unet")
+    state = load_file(path)
+    w = state["conv_in.weight"]
+    # The 5 new input channels (masked-image latents, mask) start at zero: the UNet begins as SD's.
+    state["conv_in.weight"] = np.concatenate([w, np.zeros((w.shape[0], 5) + w.shape[2:], w.dtype)], axis=1)
+    unet = from_state_dict("unet", {**unet_cfg, "in_channels": 9}, state, policy=policy, source=str(path))
+    vae = load_component(sd_folder / "vae", "vae", policy=policy)
+
+    clip_cfg_path = clip_folder / "config.json"
+    clip_cfg = CLIPVisionConfig.from_dict({**read_json(clip_cfg_path), "projection_dim": unet.config.cross_attention_dim[0]},
+                                          str(clip_cfg_path))
+    clip_path = find_weights(clip_folder)
+    tower = {}
+    for key, value in load_file(clip_path).items():
+        name = _vision_key(key)
+        if name is not None and not name.endswith("position_ids"):
+            tower[name] = value
+    fresh = random_params(PaintByExampleImageEncoder, clip_cfg, policy, seed, only=BOTTLENECK)
+    encoder = mapping.from_torch(PaintByExampleImageEncoder, clip_cfg, policy, tower, str(clip_path), given=fresh)
+
+    extras = {}
+    if (sd_folder / "scheduler" / "scheduler_config.json").is_file():
+        extras["scheduler"] = read_json(sd_folder / "scheduler" / "scheduler_config.json")
+    for fe in (clip_folder / "preprocessor_config.json", sd_folder / "feature_extractor" / "preprocessor_config.json"):
+        if fe.is_file():
+            extras["feature_extractor"] = read_json(fe)
+            break
+    return PaintByExampleModels(unet, vae, encoder, extras)
+
+
+def from_paint_by_example(folder: str | Path, *, policy: Policy = Policy()) -> PaintByExampleModels:
+    """Fine-tuning: every network, the bottleneck and the uncond vector as released."""
+    return load(folder, policy=policy)
+
+
+__all__ = ["BOTTLENECK", "WeightsError", "from_paint_by_example", "from_scratch", "from_stable_diffusion",
+           "random_module", "random_params"]

@@ -1,0 +1,4 @@
+"""Training data: image sources with boxes (`sources`: TFDS and folders; `synthetic`), the paper's
+self-supervised pairs built on the host (`pairs`), the grain pipeline that shards, shuffles and batches them
+(`loader`), and the augmentation and mask shapes that run on the device (`augment`). Importing this package
+loads no grain, tfds or TensorFlow."""

@@ -1,0 +1,169 @@
+"""The training input pipeline on grain: a source's items sharded by process, shuffled and repeated with a
+seed, made into pairs (`pbe_jax.data.pairs`) in worker processes, and batched. Unusable items are skipped
+and counted, never fatal, and the iterator's position can be checkpointed and restored exactly."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+
+from pbe_jax.data import pairs
+from pbe_jax.data.sources import CorruptItem
+
+BATCH_KEYS = ("image", "reference", "box", "box_ext")
+STATS_KEYS = ("examples", "rejected_corrupt", "rejected_no_box", "skipped_boxes")
+
+log = logging.getLogger(__name__)
+
+
+class _ReadOrReject:
+    """The source, with an item that cannot be read replaced by a reject record: in a worker process an
+    exception would end the whole iteration, a record is counted and dropped in the main process."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict:
+        try:
+            return self.source[i]
+        except CorruptItem as e:
+            return {"rejected": "corrupt", "error": str(e), "skipped_boxes": 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class _PairOrReject:
+    """`pairs.make_pair` as a grain random map; an item without a usable box becomes a reject record."""
+
+    config: pairs.PairConfig
+
+    def __call__(self, item: dict, rng: np.random.Generator) -> dict:
+        if "rejected" in item:
+            return item
+        try:
+            return pairs.make_pair(item, rng, self.config)
+        except pairs.NoValidBox as e:
+            return {"rejected": "no_box", "error": str(e), "skipped_boxes": len(item["boxes"])}
+
+
+class _Tally:
+    """Counts records as the main process consumes them, so the counts match the iterator's position."""
+
+    def __init__(self):
+        self.stats = dict.fromkeys(STATS_KEYS, 0)
+
+    def admit(self, record: dict) -> bool:
+        self.stats["skipped_boxes"] += int(record["skipped_boxes"])
+        reason = record.get("rejected")
+        if reason is None:
+            self.stats["examples"] += 1
+            return True
+        self.stats[f"rejected_{reason}"] += 1
+        # An unreadable file is worth a look; an image without a usable box is ordinary (COCO has some).
+        log.log(logging.WARNING if reason == "corrupt" else logging.DEBUG, "skipped %s", record["error"])
+        return False
+
+
+def _stack(records: Sequence[dict]) -> dict[str, np.ndarray]:
+    return {k: np.stack([r[k] for r in records]) for k in BATCH_KEYS}
+
+
+class PairIterator:
+    """Batches {"image": uint8 (B, S, S, 3), "reference": uint8 (B, R, R, 3), "box": float32 (B, 4),
+    "box_ext": float32 (B, 4)}. `stats` counts, since the start of training, the pairs made, the items
+    rejected (corrupt, no usable box) and the boxes skipped. `get_state()` is a JSON-serialisable dict that
+    `set_state()` restores, counts included, on an iterator made with the same arguments (`worker_count`
+    too: the state's form depends on it); the batches after it are those the interrupted run would have had."""
+
+    def __init__(self, iterator, tally: _Tally):
+        self._iterator, self._tally = iterator, tally
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return dict(self._tally.stats)
+
+    def __iter__(self) -> "PairIterator":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iterator)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"grain": self._iterator.get_state(), "stats": self.stats}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._iterator.set_state(state["grain"])
+        self._tally.stats.update(state["stats"])
+
+    def close(self) -> None:
+        """Stops the worker processes (also done on garbage collection, which is not prompt)."""
+        self._iterator.close()
+
+    def __enter__(self) -> "PairIterator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _parse_absl_flags() -> None:
+    """grain 0.2.18 reads an absl flag when it starts workers, and with jaxlib >= 0.11 loaded that raises
+    UnparsedFlagAccessError unless the program parsed absl flags; a program that does not use absl gets the
+    flags' defaults, as an absl program without arguments would."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_loader(source, *, batch_size: int, seed: int, image_size: int = 512, reference_size: int = 224,
+                shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
+                process_count: int = 1, worker_count: int = 0, read_threads: int = 8,
+                max_reject_fraction: float | None = 0.9, **pair_options) -> PairIterator:
+    """Batches of training pairs from `source` (anything with `__len__` and `__getitem__` giving
+    {"image", "boxes", "id"}, see `pbe_jax.data.sources`).
+
+    Process `process_index` of `process_count` reads only the items i ≡ process_index (mod process_count), so
+    the processes' shards are disjoint and together cover the source; shard lengths differ by at most one,
+    so with a finite `num_epochs` processes may disagree on the number of batches by one: train for a fixed
+    number of steps. Each shard is shuffled (anew each epoch) and each pair drawn with seeds derived from
+    (seed, process_index), so the same arguments give the same batches. `num_epochs` None repeats forever;
+    the last incomplete batch is dropped. `worker_count` > 0 reads and builds pairs in that many processes
+    (grain's `mp_prefetch`; the batches are the same as with 0), each with `read_threads` threads.
+
+    Corrupt items and items without a usable box are counted in `stats` and skipped; if `max_reject_fraction`
+    or more of a window of 1000 items (grain's successive windows) are skipped, iteration raises ValueError:
+    a wrong path or annotation format rather than a few bad files. `pair_options` go to `pairs.PairConfig`."""
+    import grain
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count})")
+    if len(source) < process_count:
+        raise ValueError(f"the source has {len(source)} items, fewer than the {process_count} processes sharing it")
+    config = pairs.PairConfig(image_size=image_size, reference_size=reference_size, **pair_options)
+    shuffle_seed, pair_seed = (int(s) for s in np.random.SeedSequence([seed, process_index]).generate_state(2))
+
+    ds = grain.MapDataset.source(_ReadOrReject(source))[process_index::process_count]
+    if shuffle:
+        ds = ds.shuffle(seed=shuffle_seed)
+    # Pairs after repeat: the random map is seeded by the element's index, so each epoch crops anew.
+    ds = ds.repeat(num_epochs).random_map(_PairOrReject(config), seed=pair_seed)
+    # About two batches read ahead per process: each element is ~1 MB at 512², so memory stays bounded.
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                              prefetch_buffer_size=max(2 * batch_size, read_threads)))
+    if worker_count > 0:
+        _parse_absl_flags()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    # Filtering after the workers, one record per item before it: every worker count gives the same stream,
+    # and the counts are kept in this process.
+    tally = _Tally()
+    it = it.filter(tally.admit).batch(batch_size, drop_remainder=True, batch_fn=_stack)
+    options = grain.experimental.DatasetOptions(filter_raise_threshold_ratio=max_reject_fraction)
+    it = grain.experimental.WithOptionsIterDataset(it, options)
+    return PairIterator(iter(it), tally)

@@ -1,0 +1,206 @@
+"""Random-access image sources with object boxes: TFDS datasets and folders of images. Each has `__len__`
+and `__getitem__(i)`, which returns {"image": uint8 (H, W, 3), "boxes": float32 (N, 4) as pixel x0, y0,
+x1, y1, "id": str}; decoding happens there, so an unusable item raises `CorruptItem` when it is read."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pbe_jax import images
+from pbe_jax.batch import IMAGE_SUFFIXES
+
+# Where each supported TFDS dataset keeps its boxes: a BBoxFeature, normalised (ymin, xmin, ymax, xmax).
+TFDS_BOXES = {"coco": ("objects", "bbox"), "open_images_v4": ("bobjects", "bbox")}
+
+
+class CorruptItem(ValueError):
+    """One item that cannot be read (an undecodable image, a malformed box file). The message names the file
+    or record; the loader skips the item and counts it."""
+
+
+def _rgb(image: np.ndarray, what: str) -> np.ndarray:
+    """uint8 (H, W, 3); grayscale is repeated and alpha dropped (`images.to_rgb`), RGB passes uncopied."""
+    image = np.asarray(image)
+    if image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
+        return image
+    return images.to_rgb(image, what)
+
+
+def yxyx_to_pixels(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """TFDS boxes, normalised (ymin, xmin, ymax, xmax), to float32 pixel (x0, y0, x1, y1). Degenerate boxes
+    stay degenerate: the pair builder skips and counts them."""
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    return b[:, [1, 0, 3, 2]] * np.asarray([width, height, width, height], np.float32)
+
+
+def _tfds_boxes_field(name: str) -> tuple[str, str]:
+    dataset = name.split(":")[0].split("/")[0]
+    if dataset not in TFDS_BOXES:
+        raise ValueError(f"TFDS dataset {name!r} has no known box field; supported: "
+                         f"{', '.join(sorted(TFDS_BOXES))} (with an optional /config and :version)")
+    return TFDS_BOXES[dataset]
+
+
+class TfdsSource:
+    """A TFDS dataset with boxes, read by random access with `tfds.data_source` (ArrayRecord files):
+    `coco/2017` (boxes in objects/bbox) or `open_images_v4` (bobjects/bbox). The dataset must already be
+    prepared in ArrayRecord format (`tfds build coco/2017 --file_format=array_record`); nothing is
+    downloaded. Only the image and the boxes are read: the other per-object fields (labels, areas) are not
+    needed and are never zipped with the boxes."""
+
+    def __init__(self, name: str, split: str, data_dir: str | Path | None = None):
+        import tensorflow_datasets as tfds
+
+        self.name, self.split = name, split
+        self._field = _tfds_boxes_field(name)
+        self._ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __getitem__(self, i: int) -> dict:
+        what = f"{self.name}/{self.split}/{i}"
+        try:
+            example = self._ds[i]
+        except Exception as e:  # noqa: BLE001 -- a bad record fails in TF, PIL or array_record, each its own type
+            raise CorruptItem(f"{what}: cannot read or decode the record ({type(e).__name__}: {e})") from e
+        group, key = self._field
+        try:
+            raw_boxes, image = example[group][key], example["image"]
+        except KeyError as e:
+            raise KeyError(f"{self.name}: examples have no {group}/{key} or image field (fields: "
+                           f"{sorted(example)}); is this the dataset the name says?") from e
+        image = _rgb(image, what)
+        return {"image": image, "boxes": yxyx_to_pixels(raw_boxes, *image.shape[:2]), "id": what}
+
+
+def _box_array(rows: list, where: str) -> np.ndarray:
+    try:
+        boxes = np.asarray(rows, np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: boxes must be a list of [x0, y0, x1, y1] numbers ({e})") from e
+    if boxes.size == 0:
+        return np.zeros((0, 4), np.float32)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{where}: boxes must be a list of [x0, y0, x1, y1], got an array of shape {boxes.shape}")
+    return boxes
+
+
+def read_jsonl(path: Path, root: Path) -> list[tuple[str, np.ndarray]]:
+    """(image path, boxes) per line of {"path": ..., "boxes": [[x0, y0, x1, y1], ...]}; relative paths are
+    relative to `root`. A malformed line raises ValueError naming the file and the line."""
+    items = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+            image, rows = str(root / row["path"]), row["boxes"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f'{where}: expected a JSON object {{"path": ..., "boxes": [[x0, y0, x1, y1], ...]}} '
+                             f"({type(e).__name__}: {e})") from e
+        items.append((image, _box_array(rows, where)))
+    return items
+
+
+def read_box_file(path: Path) -> np.ndarray:
+    """The release's per-image box file: one box a line, `x0 y0 x1 y1` in pixels, further columns ignored."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorruptItem(f"{path}: cannot read the box file ({e})") from e
+    rows = []
+    for n, line in enumerate(lines, 1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            if len(fields) < 4:
+                raise ValueError(f"{len(fields)} columns")
+            rows.append([float(v) for v in fields[:4]])
+        except ValueError as e:
+            raise CorruptItem(f"{path}:{n}: expected 'x0 y0 x1 y1' (numbers; more columns are ignored), "
+                              f"got {line!r} ({e})") from e
+    return np.asarray(rows, np.float32).reshape(-1, 4)
+
+
+def _parallel_box_file(root: str, image: str) -> str | None:
+    """root/images/<dirs>/<stem>.<ext> -> root/bbox/<dirs>/<stem>.txt; None for an image outside images/."""
+    parts = os.path.relpath(image, root).split(os.sep)
+    if len(parts) < 2 or parts[0] != "images":
+        return None
+    return os.path.splitext(os.path.join(root, "bbox", *parts[1:]))[0] + ".txt"
+
+
+def scan_box_files(root: Path) -> list[tuple[str, str]]:
+    """(image, box file) for every image under `root` that has a box file, folders and names in sorted order.
+    Paths are kept as strings and folders listed once: the release's OpenImages tree has two million files."""
+    root = str(root)
+    listed: dict[str, set[str]] = {}  # the bbox/ folders, listed when first needed
+
+    def exists(path: str) -> bool:
+        folder, name = os.path.split(path)
+        if folder not in listed:
+            listed[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        return name in listed[folder]
+
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        here = set(files)
+        for name in sorted(files):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in IMAGE_SUFFIXES:
+                continue
+            image = os.path.join(folder, name)
+            if stem + ".txt" in here:
+                found.append((image, os.path.join(folder, stem + ".txt")))
+            elif (parallel := _parallel_box_file(root, image)) and exists(parallel):
+                found.append((image, parallel))
+    return found
+
+
+class FolderSource:
+    """Images under `root` with boxes in pixels, in one of two layouts:
+
+    - `annotations` given: a JSONL file, one image a line, {"path": "a/b.jpg", "boxes": [[x0, y0, x1, y1],
+      ...]}; relative paths are relative to `root`, absolute ones are used as they are. The file is read
+      here, so a malformed line fails at once (ValueError naming the file and the line).
+    - `annotations` None: the Paint-by-Example release's layout, one `.txt` box file per image with one box
+      a line, `x0 y0 x1 y1` separated by white space (further columns are ignored). For an image
+      `root/<dirs>/<stem>.<ext>` the box file is `root/<dirs>/<stem>.txt` beside it; failing that, for an
+      image under `root/images/`, the same relative path under `root/bbox/` (the release's
+      `images/<split>/<id>.jpg` and `bbox/<split>/<id>.txt`). Images without a box file are not items. Box
+      files are read with their image, so a malformed line raises CorruptItem (naming the file and the
+      line) when that item is read.
+
+    Images are decoded in `__getitem__`; a missing or undecodable one raises CorruptItem naming the file."""
+
+    def __init__(self, root: str | Path, annotations: str | Path | None = None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: not a folder")
+        if annotations is not None:
+            self._items = read_jsonl(Path(annotations), self.root)
+        else:
+            self._items = scan_box_files(self.root)
+        if not self._items:
+            where = annotations or f"{self.root} (no image has a .txt box file beside it or under bbox/)"
+            raise ValueError(f"{where}: no images")
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int) -> dict:
+        path, boxes = self._items[i]
+        if isinstance(boxes, str):
+            boxes = read_box_file(Path(boxes))
+        try:
+            image = images.to_rgb(images.load_image(path), str(path))
+        except images.ImageError as e:
+            raise CorruptItem(str(e)) from e
+        return {"image": image, "boxes": boxes, "id": str(path)}

@@ -1,0 +1,47 @@
+"""Checkpoints with orbax: the train state (params, optimiser, EMA, step, RNG), the data iterator's state and
+the config, saved atomically (orbax writes to a temporary folder and renames), asynchronously, keeping the
+last N."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+
+
+class Checkpoints:
+    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            Path(directory).resolve(), item_names=("state", "data", "config"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                                 create=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: Any, config: dict) -> None:
+        a = self._ocp.args
+        self.manager.save(step, args=a.Composite(state=a.StandardSave(state), data=a.JsonSave(data_state),
+                                                 config=a.JsonSave(config)))
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
+        """The state with the shardings of `abstract_state` (ShapeDtypeStructs carrying shardings), and the
+        data iterator state."""
+        a = self._ocp.args
+        out = self.manager.restore(step, args=a.Composite(state=a.StandardRestore(abstract_state),
+                                                          data=a.JsonRestore()))
+        return out.state, out.data
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

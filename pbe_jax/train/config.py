@@ -1,0 +1,129 @@
+"""Training configuration: nested frozen dataclasses, named configs in `configs/`, `a.b=value` overrides."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    init: str = "scratch"  # "sd" (SD v1.x + CLIP vision folders), "pbe" (a Paint-by-Example folder), "scratch"
+    sd_folder: str = ""
+    clip_folder: str = ""
+    pbe_folder: str = ""
+    unet: dict = dataclasses.field(default_factory=dict)  # config.json keys, for "scratch"
+    vae: dict = dataclasses.field(default_factory=dict)
+    image_encoder: dict = dataclasses.field(default_factory=dict)
+    # What trains: module path prefixes. The paper's: UNet, mapper, LayerNorm, projection, uncond vector.
+    trainable: tuple = ("unet", "image_encoder.mapper", "image_encoder.final_layer_norm", "image_encoder.proj_out",
+                        "image_encoder.uncond_vector")
+    dtype: str = "bfloat16"  # compute
+    frozen_dtype: str = "float32"  # storage of the frozen VAE and CLIP tower ("bfloat16" halves it)
+    remat: bool = False  # recompute each UNet block in the backward pass
+    attention: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"  # "tfds", "folder", "synthetic"
+    name: str = "coco/2017"  # tfds: coco/2017 or open_images_v4
+    split: str = "train"
+    data_dir: str | None = None
+    folder: str = ""  # folder: images + annotations
+    annotations: str | None = None
+    size: int = 10000  # synthetic: number of scenes
+    image_size: int = 512
+    reference_size: int = 224
+    batch_size: int = 16  # global, over all devices and processes
+    workers: int = 0  # grain worker processes per host
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-5
+    warmup_steps: int = 10000
+    weight_decay: float = 0.01  # PyTorch AdamW's default, what the original trained with
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float = 1.0  # 0 disables gradient clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    steps: int = 100000
+    seed: int = 0
+    cond_drop: float = 0.2  # probability that the condition is replaced by the uncond vector
+    cond_drop_per_batch: bool = False  # the original code draws it once per batch
+    ema_decay: float = 0.0  # 0 disables EMA
+    mesh_data: int = -1
+    mesh_fsdp: int = 1
+    distributed: bool = False  # call jax.distributed.initialize() (multi-host)
+    log_every: int = 50
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 3
+    sample_every: int = 0  # 0: no sample grids during training
+    sample_steps: int = 20
+    export: bool = True  # write a diffusers folder at the end
+
+
+def load(name_or_path: str) -> TrainConfig:
+    """A named config (`configs/<name>.py`) or a path to one; the file defines `get_config()`."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.py"
+    if not path.is_file():
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.py"))
+        raise FileNotFoundError(f"no config {name_or_path!r} (named configs: {', '.join(names)})")
+    spec = importlib.util.spec_from_file_location(f"pbe_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _parse(value: str) -> Any:
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value  # a bare string
+
+
+def override(cfg, assignments: list[str]):
+    """Apply `a.b=value` assignments (values as Python literals, else strings); unknown keys are errors."""
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        cfg = _set(cfg, key.split("."), _parse(value), key)
+    return cfg
+
+
+def _set(obj, parts: list[str], value, full: str):
+    names = {f.name for f in dataclasses.fields(obj)}
+    if parts[0] not in names:
+        raise ValueError(f"unknown config key {full!r} ({type(obj).__name__} has: {', '.join(sorted(names))})")
+    current = getattr(obj, parts[0])
+    if len(parts) > 1:
+        if isinstance(current, dict):
+            new = {**current, parts[1]: value} if len(parts) == 2 else None
+            if new is None:
+                raise ValueError(f"config key {full!r} goes deeper than a dict entry")
+        else:
+            new = _set(current, parts[1:], value, full)
+    else:
+        if isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        new = value
+    return dataclasses.replace(obj, **{parts[0]: new})
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,200 @@
+"""The training loop: build or resume the sharded state, stream batches from the data pipeline, step,
+log, checkpoint, draw sample grids, export. `train.py` is a thin CLI over `train()`."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pbe_jax import convert, parallel
+from pbe_jax.convert import init as initialise
+from pbe_jax.diffusion import NoiseSchedule
+from pbe_jax.models import CLIPVisionConfig, Policy, UNetConfig, VAEConfig
+from pbe_jax.train import state as train_state
+from pbe_jax.train.checkpoint import Checkpoints, abstract
+from pbe_jax.train.config import TrainConfig, to_dict
+from pbe_jax.train.metrics import MetricsWriter
+from pbe_jax.train.step import StepConfig, train_step
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message says which step and which checkpoint is the last good one."""
+
+
+def build_models(cfg: TrainConfig) -> convert.PaintByExampleModels:
+    m = cfg.model
+    policy = Policy(dtype=jnp.dtype(m.dtype), attention_backend=m.attention)
+    if m.init == "sd":
+        return initialise.from_stable_diffusion(m.sd_folder, m.clip_folder, policy=policy, seed=cfg.seed)
+    if m.init == "pbe":
+        return initialise.from_paint_by_example(m.pbe_folder, policy=policy)
+    if m.init == "scratch":
+        return initialise.from_scratch(UNetConfig.from_dict(m.unet, "model.unet"),
+                                       VAEConfig.from_dict(m.vae, "model.vae"),
+                                       CLIPVisionConfig.from_dict(m.image_encoder, "model.image_encoder"),
+                                       policy=policy, seed=cfg.seed,
+                                       extra_configs={"feature_extractor": {
+                                           "crop_size": cfg.data.reference_size,
+                                           "size": {"shortest_edge": cfg.data.reference_size}}})
+    raise ValueError(f"model.init must be 'sd', 'pbe' or 'scratch', not {m.init!r}")
+
+
+def make_source(cfg: TrainConfig):
+    from pbe_jax.data import sources
+
+    d = cfg.data
+    if d.source == "tfds":
+        return sources.TfdsSource(d.name, d.split, data_dir=d.data_dir)
+    if d.source == "folder":
+        return sources.FolderSource(d.folder, annotations=d.annotations)
+    if d.source == "synthetic":
+        from pbe_jax.data.synthetic import SyntheticSource
+
+        return SyntheticSource(d.size, seed=cfg.seed, image_size=d.image_size)
+    raise ValueError(f"data.source must be 'tfds', 'folder' or 'synthetic', not {d.source!r}")
+
+
+def make_loader(cfg: TrainConfig, seed: int):
+    from pbe_jax.data.loader import make_loader as loader
+
+    d = cfg.data
+    n = jax.process_count()
+    if d.batch_size % n:
+        raise ValueError(f"data.batch_size {d.batch_size} is not divisible by the {n} processes")
+    return loader(make_source(cfg), batch_size=d.batch_size // n, seed=seed, image_size=d.image_size,
+                  reference_size=d.reference_size, process_index=jax.process_index(), process_count=n,
+                  worker_count=d.workers)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything a run holds: the jitted step, the sharded state, the mesh."""
+
+    cfg: TrainConfig
+    graphdef: Any
+    state: train_state.TrainState
+    mesh: jax.sharding.Mesh
+    step_fn: Any
+    shardings: Any
+    extra_configs: dict
+
+    def models(self, use_ema: bool = True) -> convert.PaintByExampleModels:
+        params = self.state.ema if (use_ema and self.state.ema is not None) else self.state.params
+        nets = nnx.merge(self.graphdef, params, self.state.frozen)
+        return convert.PaintByExampleModels(nets.unet, nets.vae, nets.image_encoder, dict(self.extra_configs))
+
+
+def build_trainer(cfg: TrainConfig, models: convert.PaintByExampleModels | None = None,
+                  mesh: jax.sharding.Mesh | None = None) -> Trainer:
+    mesh = mesh or parallel.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
+    models = models or build_models(cfg)
+    models.unet.remat = cfg.model.remat
+    graphdef, params, frozen = train_state.split(models, cfg.model.trainable, jnp.dtype(cfg.model.frozen_dtype))
+    optimizer = train_state.make_optimizer(cfg.optim)
+    state = train_state.create(params, frozen, optimizer, ema=cfg.ema_decay > 0, seed=cfg.seed)
+    shardings = parallel.tree_shardings(state, mesh)
+    state = jax.device_put(state, shardings)
+    schedule = NoiseSchedule.from_config(models.extra_configs.get("scheduler"))
+    step_cfg = StepConfig(cfg.cond_drop, cfg.cond_drop_per_batch, cfg.ema_decay, schedule.num_train_timesteps)
+    batch_sharding = jax.sharding.NamedSharding(mesh, parallel.BATCH)
+    step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
+                                        cfg=step_cfg),
+                      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
+    return Trainer(cfg, graphdef, state, mesh, step_fn, shardings, dict(models.extra_configs))
+
+
+def _sample_grid(trainer: Trainer, batch: dict, steps: int) -> np.ndarray:
+    """Rows of source | mask (the extended box) | reference | edit, for a fixed held-out batch."""
+    from pbe_jax.batch import grid
+    from pbe_jax.pipeline import PaintByExample
+
+    pipe = PaintByExample(trainer.models())
+    s = batch["image"].shape[1]
+    masks = []
+    for x0, y0, x1, y1 in batch["box_ext"]:
+        m = np.zeros((s, s), np.float32)
+        m[int(y0):int(math.ceil(y1)), int(x0):int(math.ceil(x1))] = 1.0
+        masks.append(m)
+    out = pipe(list(batch["image"]), masks, list(batch["reference"]), steps=steps, height=s, width=s)
+    return np.concatenate([grid(i, m, r, o) for i, m, r, o in zip(batch["image"], masks, batch["reference"], out)])
+
+
+def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
+    """Run (or resume) training in `workdir`; returns the final metrics. Raises TrainingDiverged on a
+    non-finite loss, leaving the last good checkpoint in place."""
+    from tqdm import tqdm
+
+    if cfg.distributed:
+        jax.distributed.initialize()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    lead = jax.process_index() == 0
+    trainer = build_trainer(cfg)
+    ckpt = Checkpoints(workdir / "checkpoints", keep=cfg.keep_checkpoints)
+    loader = make_loader(cfg, seed=cfg.seed)
+    start = 0
+    if resume and ckpt.latest_step() is not None:
+        start = ckpt.latest_step()
+        trainer.state, data_state = ckpt.restore(start, abstract(trainer.state, trainer.shardings))
+        loader.set_state(data_state)
+        if lead:
+            print(f"resumed from step {start}")
+    elif ckpt.latest_step() is not None:
+        raise FileExistsError(f"{workdir / 'checkpoints'} already has checkpoints; pass --resume to continue "
+                              f"or choose another workdir")
+    sample_batch = next(iter(make_loader(cfg, seed=cfg.seed + 1))) if cfg.sample_every and lead else None
+    writer = MetricsWriter(workdir, enabled=lead)
+    bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not (progress and lead))
+    last_good, pending, metrics, t0, n0 = start, None, {}, time.perf_counter(), start
+
+    def check(step: int, m) -> dict:
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        if not math.isfinite(m["loss"]):
+            raise TrainingDiverged(f"loss is {m['loss']} at step {step}; stopping. The last good checkpoint is "
+                                   f"step {last_good} in {workdir / 'checkpoints'}")
+        return m
+
+    try:
+        for step in range(start, cfg.steps):
+            batch = parallel.global_batch(next(loader), trainer.mesh)
+            trainer.state, m = trainer.step_fn(trainer.state, batch)
+            if pending is not None:  # read the previous step's loss while this one runs
+                metrics = check(*pending)
+            pending = (step + 1, m)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps or done % cfg.ckpt_every == 0:
+                metrics = check(*pending)
+                pending = None
+                dt = time.perf_counter() - t0
+                rate = (done - n0) / dt
+                log = {**metrics, "steps_per_s": rate, "samples_per_s": rate * cfg.data.batch_size,
+                       **{f"data/{k}": v for k, v in getattr(loader, "stats", {}).items()}}
+                writer.write(done, log)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", steps_s=f"{rate:.2f}",
+                                samples_s=f"{rate * cfg.data.batch_size:.1f}")
+                t0, n0 = time.perf_counter(), done
+            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                ckpt.save(done, trainer.state, loader.get_state(), to_dict(cfg))
+                last_good = done
+            if sample_batch is not None and done % cfg.sample_every == 0:
+                from pbe_jax.batch import save_png
+
+                (workdir / "samples").mkdir(exist_ok=True)
+                save_png(_sample_grid(trainer, sample_batch, cfg.sample_steps),
+                         workdir / "samples" / f"step_{done:07d}.png")
+            bar.update(1)
+    finally:
+        bar.close()
+        ckpt.close()
+        writer.close()
+    if cfg.export and lead:
+        convert.save(trainer.models(), workdir / "export", format="diffusers")
+    return metrics

@@ -1,0 +1,69 @@
+"""The train state: the networks split once into a graph and parameter trees (trainable by label, frozen),
+the optimiser, EMA, step and RNG — one pytree that jit shards, donates and orbax checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from pbe_jax.convert import PaintByExampleModels
+from pbe_jax.train.config import OptimConfig
+
+
+class Nets(nnx.Module):
+    """The three networks under one root, so parameter paths read unet.…, vae.…, image_encoder.…"""
+
+    def __init__(self, models: PaintByExampleModels):
+        self.unet, self.vae, self.image_encoder = models.unet, models.vae, models.image_encoder
+
+
+def trainable_filter(prefixes: tuple[str, ...]):
+    """An nnx filter: parameters whose dotted path starts with one of `prefixes` train (the label), the rest
+    is frozen."""
+    def is_trainable(path, _value) -> bool:
+        dotted = ".".join(str(p) for p in path)
+        return any(dotted == p or dotted.startswith(p + ".") for p in prefixes)
+
+    return is_trainable
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # trainable nnx.State, float32
+    frozen: Any  # frozen nnx.State (VAE, CLIP tower), float32 or bfloat16
+    opt_state: Any
+    ema: Any  # EMA of params, or None
+    rng: jax.Array  # uint32 key data; each step uses fold_in(key, step)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """AdamW with linear warm-up from 0 to lr over warmup_steps, then constant; global-norm clipping."""
+    schedule = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
+    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm > 0 else adamw
+
+
+def split(models: PaintByExampleModels, trainable: tuple[str, ...], frozen_dtype=jnp.float32):
+    """graphdef, trainable params, frozen params. Raises if a prefix selects nothing (a typo would silently
+    freeze the model otherwise)."""
+    nets = Nets(models)
+    graphdef, params, frozen = nnx.split(nets, trainable_filter(trainable), ...)
+    flat = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(params)]
+    for prefix in trainable:
+        if not any(name == prefix or name.startswith(prefix + ".") for name in flat):
+            raise ValueError(f"trainable prefix {prefix!r} matches no parameter")
+    frozen = jax.tree.map(lambda a: a.astype(frozen_dtype), frozen)
+    return graphdef, params, frozen
+
+
+def create(params, frozen, optimizer: optax.GradientTransformation, *, ema: bool, seed: int) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
+                      opt_state=optimizer.init(params),
+                      ema=jax.tree.map(jnp.copy, params) if ema else None,
+                      rng=jax.random.key_data(jax.random.key(seed)))

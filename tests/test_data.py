@@ -1,0 +1,439 @@
+"""The host data pipeline: sources (TFDS mock data, folders), the paper's pair rules, and the grain loader's
+sharding, determinism, worker processes, skipped items and checkpointed position."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pbe_jax.data import pairs
+from pbe_jax.data.sources import CorruptItem, FolderSource, TfdsSource
+
+BLUE, RED = (0, 0, 255), (255, 0, 0)
+SMALL = pairs.PairConfig(image_size=64, reference_size=32)
+
+
+@pytest.fixture(scope="module")
+def tfds():
+    return pytest.importorskip("tensorflow_datasets")
+
+
+@pytest.fixture(scope="module")
+def loader():
+    pytest.importorskip("grain")
+    from pbe_jax.data import loader
+
+    return loader
+
+
+def scene(w, h, box, background=BLUE, color=RED):
+    """A solid background with a solid rectangle at the integer box x0, y0, x1, y1."""
+    a = np.empty((h, w, 3), np.uint8)
+    a[:] = background
+    x0, y0, x1, y1 = box
+    a[y0:y1, x0:x1] = color
+    return a
+
+
+def item(image, boxes, id="item"):
+    return {"image": image, "boxes": np.asarray(boxes, np.float32).reshape(-1, 4), "id": id}
+
+
+# ---------------------------------------------------------------------------------------------- TFDS sources
+
+@pytest.mark.parametrize("name, group", [("coco/2017", "objects"), ("open_images_v4", "bobjects")])
+def test_tfds_mock_data_through_data_source(tfds, name, group):
+    # mock_data patches DatasetBuilder.as_data_source (its default AUTO policy falls back to USE_CODE when no
+    # metadata is shipped), so TfdsSource runs its real path: tfds.data_source -> ArrayRecordDataSource.
+    with tfds.testing.mock_data(num_examples=5):
+        raw = tfds.data_source(name, split="train")
+        source = TfdsSource(name, "train")
+        assert len(source) == 5
+        for i in range(5):
+            example, got = raw[i], source[i]
+            # The mock's per-object fields disagree in length: reading them together would break.
+            lengths = {len(v) for v in example[group].values()}
+            assert len(lengths) > 1
+            h, w = example["image"].shape[:2]
+            assert got["image"].dtype == np.uint8 and got["image"].shape == (h, w, 3)
+            np.testing.assert_array_equal(got["image"], example["image"])
+            ymin, xmin, ymax, xmax = np.asarray(example[group]["bbox"]).T
+            expect = np.stack([xmin * w, ymin * h, xmax * w, ymax * h], axis=1)
+            assert got["boxes"].dtype == np.float32 and got["boxes"].shape == (len(expect), 4)
+            np.testing.assert_allclose(got["boxes"], expect, rtol=1e-6)
+            assert got["id"] == f"{name}/train/{i}"
+
+
+def test_tfds_source_through_the_loader(tfds, loader):
+    with tfds.testing.mock_data(num_examples=6):
+        source = TfdsSource("open_images_v4", "train")
+        it = loader.make_loader(source, batch_size=1, seed=0, image_size=32, reference_size=8, num_epochs=1)
+        batches = list(it)
+        expect_skipped = 0
+        for i in range(6):
+            h, w = source[i]["image"].shape[:2]
+            expect_skipped += pairs.valid_boxes(source[i]["boxes"], h, w, 0.01 * h * w)[1]
+    # The mock's random boxes are often inverted (ymin > ymax): those are skipped, the rest make pairs.
+    assert len(batches) == it.stats["examples"] == 6 - it.stats["rejected_no_box"] > 0
+    assert it.stats["skipped_boxes"] == expect_skipped > 0
+    assert all(b["image"].shape == (1, 32, 32, 3) for b in batches)
+
+
+def test_tfds_gray_and_rgba_images_become_rgb(tfds):
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4, 1)
+    rgba = np.full((3, 4, 4), 7, np.uint8)
+    box = np.asarray([[0.0, 0.25, 1.0, 0.5]], np.float32)  # ymin, xmin, ymax, xmax
+    examples = [{"image": im, "objects": {"bbox": box}} for im in (gray, rgba)]
+    with tfds.testing.mock_data(as_data_source_fn=lambda self, split, **kw: examples):
+        source = TfdsSource("coco/2017", "train")
+    a, b = source[0], source[1]
+    np.testing.assert_array_equal(a["image"], np.repeat(gray, 3, axis=-1))
+    np.testing.assert_array_equal(b["image"], rgba[..., :3])
+    np.testing.assert_allclose(a["boxes"], [[1, 0, 2, 3]])
+
+
+def test_tfds_unknown_dataset_and_missing_field(tfds):
+    with pytest.raises(ValueError, match=r"'mnist' has no known box field.*coco.*open_images_v4"):
+        TfdsSource("mnist", "train")
+    with tfds.testing.mock_data(as_data_source_fn=lambda self, split, **kw: [{"image": np.zeros((2, 2, 3))}]):
+        source = TfdsSource("coco/2017", "train")
+    with pytest.raises(KeyError, match=r"no objects/bbox or image field.*\['image'\]"):
+        source[0]
+
+
+# -------------------------------------------------------------------------------------------- folder sources
+
+def save(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_folder_jsonl(tmp_path):
+    save(tmp_path / "a" / "rgb.png", scene(40, 30, (5, 6, 20, 25)))
+    save(tmp_path / "gray.png", np.full((20, 10), 9, np.uint8))
+    save(tmp_path / "rgba.png", np.full((8, 8, 4), 200, np.uint8))
+    abs_path = tmp_path / "gray.png"
+    rows = [{"path": "a/rgb.png", "boxes": [[5, 6, 20, 25], [0, 0, 3.5, 4]]},
+            {"path": str(abs_path), "boxes": []},
+            {"path": "rgba.png", "boxes": [[1, 1, 2, 2]]}]
+    (tmp_path / "ann.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    source = FolderSource(tmp_path, tmp_path / "ann.jsonl")
+    assert len(source) == 3
+    first = source[0]
+    np.testing.assert_array_equal(first["image"], scene(40, 30, (5, 6, 20, 25)))
+    np.testing.assert_array_equal(first["boxes"], [[5, 6, 20, 25], [0, 0, 3.5, 4]])
+    assert first["boxes"].dtype == np.float32 and first["id"] == str(tmp_path / "a" / "rgb.png")
+    assert source[1]["image"].shape == (20, 10, 3) and source[1]["boxes"].shape == (0, 4)
+    assert source[2]["image"].shape == (8, 8, 3) and (source[2]["image"] == 200).all()
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"path": "x.png", "boxes": [[1, 2, 3]]}', r"ann.jsonl:2: boxes must be a list of \[x0, y0, x1, y1\].*\(1, 3\)"),
+    ('{"path": "x.png"}', r"ann.jsonl:2: expected a JSON object.*KeyError"),
+    ('{"path": "x.png", "boxes": [[1, 2, 3, "a"]]}', r"ann.jsonl:2: boxes must be a list"),
+    ("not json", r"ann.jsonl:2: expected a JSON object.*JSONDecodeError"),
+])
+def test_folder_jsonl_malformed_line(tmp_path, line, message):
+    (tmp_path / "ann.jsonl").write_text('{"path": "ok.png", "boxes": []}\n' + line + "\n")
+    with pytest.raises(ValueError, match=message):
+        FolderSource(tmp_path, tmp_path / "ann.jsonl")
+
+
+def test_folder_txt_layouts(tmp_path):
+    # The release's images/<split>/<id>.jpg with bbox/<split>/<id>.txt, and a box file beside its image.
+    save(tmp_path / "images" / "train_0" / "b.jpg", scene(32, 24, (2, 2, 10, 10)))
+    (tmp_path / "bbox" / "train_0").mkdir(parents=True)
+    (tmp_path / "bbox" / "train_0" / "b.txt").write_text("2 2 10 10 17 0.9\n\n3.5 4 8 9\n")
+    save(tmp_path / "flat" / "a.png", scene(16, 16, (1, 1, 5, 5)))
+    (tmp_path / "flat" / "a.txt").write_text("1 1 5 5\n")
+    save(tmp_path / "flat" / "no_boxes.png", scene(16, 16, (1, 1, 5, 5)))  # no box file: not an item
+    source = FolderSource(tmp_path)
+    assert len(source) == 2
+    a, b = source[0], source[1]
+    assert a["id"].endswith("flat/a.png") and b["id"].endswith("images/train_0/b.jpg")
+    np.testing.assert_array_equal(a["boxes"], [[1, 1, 5, 5]])
+    np.testing.assert_array_equal(b["boxes"], [[2, 2, 10, 10], [3.5, 4, 8, 9]])
+    assert b["image"].shape == (24, 32, 3) and b["image"].dtype == np.uint8
+
+
+def test_folder_errors_name_the_file(tmp_path):
+    save(tmp_path / "bad_line.png", scene(8, 8, (1, 1, 4, 4)))
+    (tmp_path / "bad_line.txt").write_text("1 1 4 4\n1 1 4\n")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "broken.txt").write_text("1 1 4 4\n")
+    source = FolderSource(tmp_path)
+    with pytest.raises(CorruptItem, match=r"bad_line.txt:2: expected 'x0 y0 x1 y1'.*'1 1 4'"):
+        source[0]
+    with pytest.raises(CorruptItem, match=r"broken.png: cannot read image"):
+        source[1]
+    with pytest.raises(FileNotFoundError, match=r"missing: not a folder"):
+        FolderSource(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty \(no image has a .txt box file.*\): no images"):
+        FolderSource(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------------------------------------ pair rules
+
+def random_item(rng):
+    w, h = int(rng.integers(20, 120)), int(rng.integers(20, 120))
+    x0, y0 = int(rng.integers(0, w - 8)), int(rng.integers(0, h - 8))
+    box = (x0, y0, int(rng.integers(x0 + 8, w + 1)), int(rng.integers(y0 + 8, h + 1)))
+    return item(scene(w, h, box), [box]), box
+
+
+def test_pair_geometry_over_random_items():
+    rng = np.random.default_rng(0)
+    checked = 0
+    for trial in range(150):
+        it, box = random_item(rng)
+        p = pairs.make_pair(it, np.random.default_rng(trial), SMALL)
+        assert p["image"].shape == (64, 64, 3) and p["image"].dtype == np.uint8
+        assert p["reference"].shape == (32, 32, 3) and p["reference"].dtype == np.uint8
+        assert p["box"].dtype == p["box_ext"].dtype == np.float32 and p["skipped_boxes"] == 0
+        b, e = p["box"], p["box_ext"]
+        assert (0 <= e[:2]).all() and (e[2:] <= 64).all()
+        assert (e[:2] <= b[:2] + 1e-4).all() and (b[2:] <= e[2:] + 1e-4).all()
+        # The mapped box lands on the object: red inside it, and no red outside the extended box. Bicubic
+        # resizing blends half a source pixel (upsampling) or two output pixels (downsampling) at an edge.
+        scale = (b[2] - b[0]) / (box[2] - box[0])
+        m = max(int(np.ceil(0.5 * scale + 0.5)), 3)
+        rows, cols = np.arange(64)[:, None], np.arange(64)[None, :]
+        inside = (rows >= b[1] + m) & (rows < b[3] - m) & (cols >= b[0] + m) & (cols < b[2] - m)
+        outside = (rows < e[1] - m) | (rows >= e[3] + m) | (cols < e[0] - m) | (cols >= e[2] + m)
+        red = p["image"][..., 0].astype(int)
+        assert (red[inside] >= 247).all() and (red[outside] <= 8).all(), trial
+        checked += inside.any() and outside.any()
+        if max(box[2] - box[0], box[3] - box[1]) <= min(it["image"].shape[:2]):
+            assert (p["image"].max(axis=-1) > 100).all(), trial  # the crop lies inside the image: no padding
+        # The reference is the box padded by 10 px where the image allows, resized without keeping the aspect.
+        h, w = it["image"].shape[:2]
+        padded = it["image"][max(box[1] - 10, 0):min(box[3] + 10, h), max(box[0] - 10, 0):min(box[2] + 10, w)]
+        expect = np.asarray(Image.fromarray(padded).resize((32, 32), Image.BICUBIC))
+        np.testing.assert_array_equal(p["reference"], expect)
+    assert checked > 100  # most boxes are large enough, and crops loose enough, to test both regions
+
+
+def test_extension_stays_within_released_bounds():
+    # A square image and no shrinking: the crop is the whole image, so box_ext maps back exactly.
+    w = 100
+    box = (30, 40, 60, 70)
+    free = np.asarray([30, 40, w - 60, w - 70])
+    grown = []
+    for seed in range(60):
+        p = pairs.make_pair(item(scene(w, w, box), [box]), np.random.default_rng(seed),
+                            pairs.PairConfig(image_size=50, reference_size=16, shrink_max=0.0))
+        np.testing.assert_allclose(p["box"] * 2, box, atol=1e-4)
+        g = (p["box_ext"] * 2 - box) * [-1, -1, 1, 1]
+        assert (g >= -1e-4).all() and (g <= np.floor(0.4 * free) + 1e-4).all()
+        grown.append(g)
+    grown = np.asarray(grown)
+    assert (grown.max(axis=0) == np.floor(0.4 * free)).all() and (grown.min(axis=0) == 0).all()
+
+
+def test_reference_is_padded_box_clipped_to_image():
+    image = scene(60, 40, (0, 5, 30, 20))
+    cfg = pairs.PairConfig(image_size=32, reference_size=30)
+    p = pairs.make_pair(item(image, [[0, 5, 30, 20]]), np.random.default_rng(0), cfg)
+    # Padding: none left and 5 px above (the image's borders), 10 px right and below: rows 0..30, columns 0..40.
+    expect = np.asarray(Image.fromarray(image[0:30, 0:40]).resize((30, 30), Image.BICUBIC))
+    np.testing.assert_array_equal(p["reference"], expect)
+
+
+def test_wide_box_fits_by_shrinking_the_extension():
+    # The box (90 px) fits the 100 px short side, its extension often would not: no padding appears.
+    for seed in range(30):
+        p = pairs.make_pair(item(scene(300, 100, (105, 10, 195, 90)), [[105, 10, 195, 90]]),
+                            np.random.default_rng(seed), SMALL)
+        assert not (p["image"] == 0).all(axis=-1).any(), seed
+        assert p["box_ext"][2] - p["box_ext"][0] <= 64 + 1e-4
+
+
+def test_box_longer_than_short_side_pads_with_zeros():
+    image = scene(200, 50, (20, 5, 180, 45))
+    for seed in range(10):
+        p = pairs.make_pair(item(image, [[20, 5, 180, 45]]), np.random.default_rng(seed), SMALL)
+        b = p["box"]
+        # The whole box is kept at its aspect ratio (160 × 40) and spans the crop's width.
+        np.testing.assert_allclose([b[0], b[2]], [0, 64], atol=1e-4)
+        np.testing.assert_allclose((b[3] - b[1]) / (b[2] - b[0]), 40 / 160, atol=1e-5)
+        rows_black = (p["image"] < 3).all(axis=(1, 2))
+        assert rows_black.sum() >= 40  # 160 − 50 px of zeros out of 160, at 64/160 scale: 44 rows
+
+
+def test_pair_is_deterministic_per_seed():
+    rng = np.random.default_rng(1)
+    it, _ = random_item(rng)
+    it["boxes"] = np.concatenate([it["boxes"], [[0, 0, it["image"].shape[1], it["image"].shape[0]]]])
+    a = pairs.make_pair(it, np.random.default_rng(5), SMALL)
+    b = pairs.make_pair(it, np.random.default_rng(5), SMALL)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    others = [pairs.make_pair(it, np.random.default_rng(s), SMALL) for s in range(6, 12)]
+    assert any(not np.array_equal(a["box_ext"], o["box_ext"]) for o in others)
+
+
+def test_unusable_boxes_are_skipped_and_counted():
+    good = (20, 20, 60, 50)
+    boxes = [[np.nan, 0, 10, 10], [30, 5, 10, 40], [10, 10, 10, 30],  # NaN, x1 < x0, zero width
+             [90, 10, 120, 40], [-30, -20, -1, -1],  # outside the 80 × 60 image
+             [0, 0, 5, 6], good]  # 30 px² < 1 % of 4800 px²; the usable one
+    for seed in range(10):
+        p = pairs.make_pair(item(scene(80, 60, good), boxes), np.random.default_rng(seed), SMALL)
+        assert p["skipped_boxes"] == 6
+        only_good = pairs.make_pair(item(scene(80, 60, good), [good]), np.random.default_rng(seed), SMALL)
+        for k in ("image", "reference", "box", "box_ext"):
+            np.testing.assert_array_equal(p[k], only_good[k])
+    with pytest.raises(pairs.NoValidBox, match=r"broken-7: none of its 6 boxes is usable.*80×60"):
+        pairs.make_pair(item(scene(80, 60, good), boxes[:-1], id="broken-7"), np.random.default_rng(0), SMALL)
+
+
+def test_valid_boxes_clips_partly_outside_boxes():
+    valid, skipped = pairs.valid_boxes(np.asarray([[-5, -5, 10, 12], [50, 40, 70, 90]]), 60, 80, 1.0)
+    np.testing.assert_array_equal(valid, [[0, 0, 10, 12], [50, 40, 70, 60]])
+    assert skipped == 0
+
+
+# ----------------------------------------------------------------------------------------------------- loader
+
+class ColorSource:
+    """Item i: a solid image of a colour that encodes i, one box over most of it (or none when i is in
+    `no_box`): the reference's colour tells which item a batch row came from."""
+
+    def __init__(self, n, no_box=()):
+        self.n, self.no_box = n, set(no_box)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        image = np.empty((24 + i % 5, 30, 3), np.uint8)
+        image[:] = (i % 256, i // 256, 99)
+        boxes = [] if i in self.no_box else [[2, 2, 28, 20], [0, 0, 0, 0]]
+        return item(image, boxes, str(i))
+
+
+def ids(batch):
+    c = batch["reference"][:, 4, 4].astype(int)
+    return list(c[:, 0] + 256 * c[:, 1])
+
+
+def take(it, k):
+    return [next(it) for _ in range(k)]
+
+
+def assert_same_batches(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_loader_batches(loader):
+    with loader.make_loader(ColorSource(10), batch_size=4, seed=0, image_size=48, reference_size=16) as it:
+        batch = next(it)
+        assert set(batch) == {"image", "reference", "box", "box_ext"}
+        assert batch["image"].shape == (4, 48, 48, 3) and batch["image"].dtype == np.uint8
+        assert batch["reference"].shape == (4, 16, 16, 3) and batch["reference"].dtype == np.uint8
+        assert batch["box"].shape == batch["box_ext"].shape == (4, 4) and batch["box"].dtype == np.float32
+        assert len(set(ids(batch))) == 4
+        assert it.stats == {"examples": 4, "rejected_corrupt": 0, "rejected_no_box": 0, "skipped_boxes": 4}
+
+
+def test_loader_epochs_shuffle_and_remainder(loader):
+    it = loader.make_loader(ColorSource(10), batch_size=3, seed=0, image_size=32, reference_size=8, num_epochs=2)
+    got = [ids(b) for b in it]
+    assert len(got) == 6  # 20 items, the last 2 dropped
+    flat = sum(got, [])
+    assert sorted(flat[:10]) == list(range(10)) and flat[:10] != list(range(10))
+    assert flat[:9] != flat[10:19]  # each epoch shuffled anew
+    plain = loader.make_loader(ColorSource(10), batch_size=5, seed=0, image_size=32, reference_size=8,
+                               num_epochs=1, shuffle=False)
+    assert [ids(b) for b in plain] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+
+
+def test_loader_process_shards_are_disjoint_and_cover(loader):
+    shards = []
+    for index in range(3):
+        it = loader.make_loader(ColorSource(11), batch_size=1, seed=3, image_size=32, reference_size=8,
+                                num_epochs=1, process_index=index, process_count=3)
+        shards.append(sum((ids(b) for b in it), []))
+    assert [len(s) for s in shards] == [4, 4, 3]
+    assert sorted(sum(shards, [])) == list(range(11))
+    with pytest.raises(ValueError, match=r"process_index 3 is not in \[0, process_count=3\)"):
+        loader.make_loader(ColorSource(11), batch_size=1, seed=0, process_index=3, process_count=3)
+
+
+def test_loader_is_deterministic_per_seed(loader):
+    def first(seed):
+        return take(loader.make_loader(ColorSource(40), batch_size=4, seed=seed, image_size=32, reference_size=8), 3)
+
+    a, b, c = first(7), first(7), first(8)
+    assert_same_batches(a, b)
+    assert any(not np.array_equal(x["box_ext"], y["box_ext"]) for x, y in zip(a, c))
+
+
+def test_loader_skips_and_counts_rejects(loader, tmp_path):
+    for i in range(6):
+        save(tmp_path / f"{i}.png", scene(40, 30, (5, 5, 30, 25)))
+        (tmp_path / f"{i}.txt").write_text("5 5 30 25\n0 0 1 1\n")
+    (tmp_path / "2.png").write_bytes(b"corrupt")
+    (tmp_path / "4.txt").write_text("0 0 1 1\n")  # only a box under 1 % of the image
+    it = loader.make_loader(FolderSource(tmp_path), batch_size=1, seed=0, image_size=32, reference_size=8,
+                            num_epochs=1)
+    assert len(list(it)) == 4
+    assert it.stats == {"examples": 4, "rejected_corrupt": 1, "rejected_no_box": 1, "skipped_boxes": 5}
+
+
+def test_loader_raises_when_nearly_everything_is_rejected(loader):
+    it = loader.make_loader(ColorSource(1000, no_box=range(1000)), batch_size=2, seed=0, image_size=32,
+                            reference_size=8, num_epochs=1)
+    with pytest.raises(ValueError, match=r"skipped 100.00 % of the last seen 1000"):
+        next(it)
+
+
+def test_loader_resumes_from_state(loader):
+    def make():
+        return loader.make_loader(ColorSource(9, no_box=[4]), batch_size=2, seed=11, image_size=32,
+                                  reference_size=8)
+
+    it = make()
+    take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))
+    stats = it.stats
+    expect = take(it, 6)  # crosses into the next epochs
+    resumed = make()
+    resumed.set_state(state)
+    assert resumed.stats == stats
+    assert_same_batches(take(resumed, 6), expect)
+    assert resumed.stats == it.stats
+
+
+def folder_of_pngs(root, n):
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        w, h = int(rng.integers(30, 60)), int(rng.integers(30, 60))
+        save(root / f"{i}.png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        lines.append(json.dumps({"path": f"{i}.png", "boxes": [[3, 4, w - 5, h - 2], [1, 1, 1, 1]]}))
+    (root / "1.png").write_bytes(b"corrupt")
+    (root / "ann.jsonl").write_text("\n".join(lines))
+    return FolderSource(root, root / "ann.jsonl")
+
+
+def test_loader_workers_match_single_process_and_resume(loader, tmp_path):
+    source = folder_of_pngs(tmp_path, 12)
+    kw = dict(batch_size=3, seed=5, image_size=32, reference_size=8)
+    plain = loader.make_loader(source, **kw)
+    expect = take(plain, 6)
+    with loader.make_loader(source, worker_count=2, **kw) as it:
+        got = take(it, 2)
+        state = json.loads(json.dumps(it.get_state()))
+        got += take(it, 4)
+        assert it.stats == plain.stats and it.stats["rejected_corrupt"] >= 1
+    assert_same_batches(got, expect)
+    with loader.make_loader(source, worker_count=2, **kw) as resumed:
+        resumed.set_state(state)
+        assert_same_batches(take(resumed, 4), expect[2:])
+        assert resumed.stats == plain.stats

@@ -1,0 +1,55 @@
+"""Train Paint by Example (JAX): the paper's recipe on one CPU, a GPU node or a TPU slice.
+
+    python train.py --config tiny --workdir runs/tiny                    # a small model on a laptop CPU
+    python train.py --config sd14 --workdir runs/sd14 \\
+        model.sd_folder=/data/stable-diffusion-v1-4 model.clip_folder=/data/clip-vit-large-patch14 \\
+        data.source=tfds data.name=open_images_v4
+    python train.py --config tiny --workdir runs/tiny --resume           # continue after an interruption
+
+Overrides are KEY=VALUE with dotted keys into the config (values are Python literals, else strings):
+data.batch_size=32, optim.lr=2e-5, model.remat=True, mesh_fsdp=8, steps=1000, ... Named configs live
+in configs/; `--show-config` prints the resolved one. The run writes, under --workdir: checkpoints/
+(orbax, last N, resumable), metrics.jsonl, tensorboard/, samples/ (grids every sample_every steps) and
+export/ (a diffusers folder at the end).
+"""
+import argparse
+import json
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny", help="a name in configs/ or a path to a config file (default tiny)")
+    p.add_argument("--workdir", required=True, help="where checkpoints, metrics, samples and the export go")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
+    p.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.batch_size=8")
+    args = p.parse_args(argv)
+
+    from pbe_jax.train import config as config_lib
+
+    try:
+        cfg = config_lib.override(config_lib.load(args.config), args.overrides)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.show_config:
+        print(json.dumps(config_lib.to_dict(cfg), indent=1))
+        return 0
+
+    from pbe_jax.train.loop import TrainingDiverged, train
+
+    try:
+        metrics = train(cfg, args.workdir, resume=args.resume)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"done: {json.dumps(metrics)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
