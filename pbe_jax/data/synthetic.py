@@ -1,11 +1,21 @@
-"""Procedurally generated scenes with boxes: a random-access source that needs no download.
+"""Procedurally generated scenes with boxes: a random-access training source that needs no download, and the
+scene renderer that the held-out benchmark (`pbe_jax.data.benchmark`) draws from.
 
-Each index gives the same scene for the same seed: a gradient or textured background and several objects
-of varied shape, colour, pattern, size and rotation, drawn in order (later ones occlude earlier ones).
-Items follow the source interface: {"image": uint8 (S, S, 3), "boxes": float32 (N, 4) x0 y0 x1 y1,
-"id": str}, plus "objects": each object's attributes (shape, colour, pattern indices).
+A scene is a gradient or textured background and several objects of varied shape, colour, pattern, size and
+rotation, drawn in order (later ones occlude earlier ones). Every object stays mostly visible: a placement
+that would leave any object, the new one or an earlier one, with less than `min_visible` of its area in
+view (hidden behind another object or outside the image) is drawn again, up to `attempts` times, and an
+object that finds no placement is left out. Each object's box is the box of its visible pixels.
+
+`SyntheticSource` items follow the source interface: {"image": uint8 (S, S, 3), "boxes": float32 (N, 4)
+x0 y0 x1 y1, "id": str}, plus "objects", one dict per box: "shape", "colour", "pattern" (indices into
+SHAPES, COLOURS, PATTERNS), "centre" [x, y], "radius" (px, the outline's scale), "rotation" (radians),
+"box" (its row of "boxes"), "extent" (the box of all its pixels inside the image, occluded or not) and
+"visible" (the fraction of its polygon's pixels in view). Boxes are in pixel edges: x1, y1 exclusive.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -13,6 +23,7 @@ from PIL import Image, ImageDraw
 SHAPES = ("square", "circle", "triangle", "star", "hexagon", "cross")
 COLOURS = ((220, 40, 40), (40, 170, 60), (40, 80, 220), (240, 200, 30), (160, 60, 200), (250, 130, 20),
            (30, 200, 200), (240, 240, 240))
+COLOUR_NAMES = ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "white")
 PATTERNS = ("solid", "stripes", "dots", "checks")
 
 
@@ -40,24 +51,77 @@ def _outline(shape: str, n: int = 48) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _pattern(kind: str, colour, size: int, rng: np.random.Generator) -> np.ndarray:
-    """An RGB fill of `size`² for one object: its colour, patterned with a darker or lighter second tone."""
+def polygon(shape: int, centre, radius: float, rotation: float) -> np.ndarray:
+    """Vertices (V, 2) in pixels of SHAPES[shape] around `centre`, scaled by `radius`, turned by `rotation`."""
+    c, s = np.cos(rotation), np.sin(rotation)
+    return _outline(SHAPES[shape]) @ np.array([[c, s], [-s, c]]) * radius + np.asarray(centre, float)
+
+
+@dataclasses.dataclass(frozen=True)
+class Footprint:
+    """The pixels a polygon covers: `mask` (h, w) placed with its top-left at image column x, row y. It may
+    reach outside the image; `area` counts all of it, so what the image shows is a fraction of it."""
+
+    mask: np.ndarray
+    x: int
+    y: int
+
+    @property
+    def area(self) -> int:
+        return int(self.mask.sum())
+
+    def clip(self, height: int, width: int) -> tuple[tuple[slice, slice], np.ndarray]:
+        """The (rows, cols) window of a height × width image this footprint overlaps, and its mask there."""
+        h, w = self.mask.shape
+        x0, y0, x1, y1 = max(self.x, 0), max(self.y, 0), min(self.x + w, width), min(self.y + h, height)
+        x1, y1 = max(x1, x0), max(y1, y0)
+        inside = self.mask[y0 - self.y:y1 - self.y, x0 - self.x:x1 - self.x]
+        return (slice(y0, y1), slice(x0, x1)), inside
+
+
+def footprint(vertices: np.ndarray) -> Footprint:
+    """Rasterise a polygon on a canvas just large enough for it, so parts outside the image still count."""
+    x0, y0 = np.floor(vertices.min(0)).astype(int)
+    x1, y1 = np.ceil(vertices.max(0)).astype(int)
+    canvas = Image.new("L", (int(x1 - x0) + 1, int(y1 - y0) + 1), 0)
+    ImageDraw.Draw(canvas).polygon([tuple(p) for p in vertices - (x0, y0)], fill=1)
+    return Footprint(np.asarray(canvas, bool), int(x0), int(y0))
+
+
+def object_mask(obj: dict, size: int) -> np.ndarray:
+    """bool (size, size): the pixels of a recorded object's whole polygon inside the image, occluded or not."""
+    fp = footprint(polygon(obj["shape"], obj["centre"], obj["radius"], obj["rotation"]))
+    window, inside = fp.clip(size, size)
+    out = np.zeros((size, size), bool)
+    out[window] = inside
+    return out
+
+
+def _pattern(kind: str, colour, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """An RGB fill of `shape` for one object: its colour, patterned with a darker or lighter second tone."""
     base = np.array(colour, np.float32)
-    other = np.clip(base * 0.45 if base.mean() > 110 else base + 110, 0, 255)
-    yy, xx = np.mgrid[:size, :size]
-    period = max(4, size // int(rng.integers(3, 6)))
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    period = max(4, max(shape) // int(rng.integers(3, 6)))
     if kind == "stripes":
         on = ((xx + yy) // (period // 2 + 1)) % 2 == 0
     elif kind == "dots":
-        on = ((xx % period - period / 2) ** 2 + (yy % period - period / 2) ** 2) < (period / 3.5) ** 2
+        # Dots in the second tone on the object's colour, so its colour is the one most of it shows.
+        on = ((xx % period - period / 2) ** 2 + (yy % period - period / 2) ** 2) >= (period / 3.5) ** 2
     elif kind == "checks":
         on = ((xx // period) + (yy // period)) % 2 == 0
     else:
-        on = np.ones((size, size), bool)
-    return np.where(on[..., None], base, other).astype(np.uint8)
+        on = np.ones(shape, bool)
+    return np.where(on[..., None], base, second_tone(colour)).astype(np.uint8)
 
 
-def _background(size: int, rng: np.random.Generator) -> np.ndarray:
+def second_tone(colour) -> np.ndarray:
+    """The pattern's other colour: darker for light colours, lighter for dark ones."""
+    base = np.array(colour, np.float32)
+    return np.clip(base * 0.45 if base.mean() > 110 else base + 110, 0, 255).astype(np.uint8)
+
+
+def background(size: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 (size, size, 3): a linear gradient between two random colours, half the time with coarse noise."""
     c0, c1 = rng.integers(30, 226, (2, 3))
     angle = rng.uniform(0, 2 * np.pi)
     yy, xx = np.mgrid[:size, :size] / max(size - 1, 1)
@@ -70,50 +134,109 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def draw(image: np.ndarray, fp: Footprint, attrs: dict, rng: np.random.Generator) -> None:
+    """Paint an object's patterned fill into `image` (in place) where its footprint covers it."""
+    window, inside = fp.clip(*image.shape[:2])
+    fill = _pattern(PATTERNS[attrs["pattern"]], COLOURS[attrs["colour"]], fp.mask.shape, rng)
+    rows, cols = window
+    fill = fill[rows.start - fp.y:rows.stop - fp.y, cols.start - fp.x:cols.stop - fp.x]
+    image[window][inside] = fill[inside]
+
+
 def render_object(canvas: Image.Image, shape: int, colour: int, pattern: int, centre, radius: float,
                   rotation: float, rng: np.random.Generator) -> tuple[float, float, float, float]:
-    """Draw one object onto `canvas`; returns its box (x0, y0, x1, y1) clipped to the canvas."""
-    pts = _outline(SHAPES[shape])
-    c, s = np.cos(rotation), np.sin(rotation)
-    pts = pts @ np.array([[c, s], [-s, c]]) * radius + np.asarray(centre)
-    side = int(2 * radius) + 2
-    fill = Image.fromarray(_pattern(PATTERNS[pattern], COLOURS[colour], side, rng))
-    mask = Image.new("L", canvas.size, 0)
-    ImageDraw.Draw(mask).polygon([tuple(p) for p in pts], fill=255)
-    x0, y0 = int(centre[0] - radius) - 1, int(centre[1] - radius) - 1
-    layer = Image.new("RGB", canvas.size)
-    layer.paste(fill, (x0, y0))
-    canvas.paste(layer, (0, 0), mask)
-    w, h = canvas.size
-    return (max(0.0, pts[:, 0].min()), max(0.0, pts[:, 1].min()), min(float(w), pts[:, 0].max()),
-            min(float(h), pts[:, 1].max()))
+    """Draw one object onto a PIL `canvas` (in place), over whatever is there; returns the box of its pixels
+    inside the canvas, x0, y0, x1, y1 (x1, y1 exclusive). The object must overlap the canvas."""
+    image = np.array(canvas.convert("RGB"))
+    fp = footprint(polygon(shape, centre, radius, rotation))
+    draw(image, fp, {"shape": shape, "colour": colour, "pattern": pattern}, rng)
+    canvas.paste(Image.fromarray(image))
+    (rows, cols), inside = fp.clip(*image.shape[:2])
+    x0, y0, x1, y1 = _box_of(inside)
+    return x0 + cols.start, y0 + rows.start, x1 + cols.start, y1 + rows.start
+
+
+def random_attributes(rng: np.random.Generator) -> dict:
+    return {"shape": int(rng.integers(len(SHAPES))), "colour": int(rng.integers(len(COLOURS))),
+            "pattern": int(rng.integers(len(PATTERNS)))}
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    """A rendered scene: `labels` (S, S) int16 holds the index of the object on top at each pixel (-1 for
+    background); `objects` are described in the module docstring."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    objects: list[dict]
+
+    @property
+    def boxes(self) -> np.ndarray:
+        return np.asarray([o["box"] for o in self.objects], np.float32).reshape(-1, 4)
+
+
+def _box_of(mask: np.ndarray) -> list[float]:
+    """x0, y0, x1, y1 of the True pixels, in pixel edges (x1, y1 exclusive)."""
+    ys, xs = np.nonzero(mask)
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+def render_scene(rng: np.random.Generator, size: int, *, min_objects: int = 2, max_objects: int = 5,
+                 radius: tuple[float, float] = (0.08, 0.22), min_visible: float = 0.6,
+                 attempts: int = 10) -> Scene:
+    """A size² scene drawn from `rng`: between min_objects and max_objects objects (fewer when one finds no
+    placement that keeps every object at least `min_visible` in view), radii a uniform fraction of `size`."""
+    if not 0 < min_visible <= 1:  # an object with nothing in view would have no box
+        raise ValueError(f"min_visible must be in (0, 1], got {min_visible}")
+    image = background(size, rng)
+    labels = np.full((size, size), -1, np.int16)
+    placed, areas, shown = [], [], []
+    for _ in range(int(rng.integers(min_objects, max_objects + 1))):
+        attrs = random_attributes(rng)
+        for _ in range(attempts):
+            r = float(rng.uniform(*radius) * size)
+            centre = rng.uniform(r * 0.6, size - r * 0.6, 2)
+            rotation = float(rng.uniform(0, 2 * np.pi))
+            fp = footprint(polygon(attrs["shape"], centre, r, rotation))
+            window, inside = fp.clip(size, size)
+            under = labels[window][inside]
+            hidden = np.bincount(under[under >= 0], minlength=len(placed))
+            keeps = np.asarray(shown, float) - hidden >= min_visible * np.asarray(areas, float)
+            if inside.sum() >= min_visible * fp.area and keeps.all():
+                break
+        else:
+            continue
+        draw(image, fp, attrs, rng)
+        labels[window][inside] = len(placed)
+        shown = list(np.asarray(shown, int) - hidden) + [int(inside.sum())]
+        areas.append(fp.area)
+        rows, cols = window
+        extent = np.asarray(_box_of(inside)) + [cols.start, rows.start, cols.start, rows.start]
+        placed.append({**attrs, "centre": [float(centre[0]), float(centre[1])], "radius": r, "rotation": rotation,
+                       "extent": [float(v) for v in extent]})
+    objects = [{**o, "box": _box_of(labels == k), "visible": float(shown[k] / areas[k])}
+               for k, o in enumerate(placed)]
+    return Scene(image, labels, objects)
 
 
 class SyntheticSource:
-    """`size` scenes of `image_size`², deterministic in (seed, index)."""
+    """`size` scenes of `image_size`², deterministic in (seed, index): scene i is drawn from
+    `np.random.default_rng([seed, i])`."""
 
     def __init__(self, size: int = 10000, *, seed: int = 0, image_size: int = 256, min_objects: int = 2,
-                 max_objects: int = 5):
+                 max_objects: int = 5, min_visible: float = 0.6):
         self.size, self.seed, self.image_size = size, seed, image_size
-        self.min_objects, self.max_objects = min_objects, max_objects
+        self.min_objects, self.max_objects, self.min_visible = min_objects, max_objects, min_visible
 
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, index: int) -> dict:
+    def scene(self, index: int) -> Scene:
         if not 0 <= index < self.size:
             raise IndexError(f"scene {index} out of range (size {self.size})")
-        rng = np.random.default_rng([self.seed, index])
-        s = self.image_size
-        canvas = Image.fromarray(_background(s, rng))
-        boxes, objects = [], []
-        for _ in range(int(rng.integers(self.min_objects, self.max_objects + 1))):
-            attrs = {"shape": int(rng.integers(len(SHAPES))), "colour": int(rng.integers(len(COLOURS))),
-                     "pattern": int(rng.integers(len(PATTERNS)))}
-            radius = rng.uniform(0.08, 0.22) * s
-            centre = rng.uniform(radius * 0.6, s - radius * 0.6, 2)
-            boxes.append(render_object(canvas, **attrs, centre=centre, radius=radius,
-                                       rotation=rng.uniform(0, 2 * np.pi), rng=rng))
-            objects.append(attrs)
-        return {"image": np.asarray(canvas), "boxes": np.asarray(boxes, np.float32), "id": f"scene{index:06d}",
-                "objects": objects}
+        return render_scene(np.random.default_rng([self.seed, index]), self.image_size,
+                            min_objects=self.min_objects, max_objects=self.max_objects, min_visible=self.min_visible)
+
+    def __getitem__(self, index: int) -> dict:
+        scene = self.scene(index)
+        return {"image": scene.image, "boxes": scene.boxes, "id": f"scene{index:06d}", "objects": scene.objects}

@@ -12,10 +12,14 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    init: str = "scratch"  # "sd" (SD v1.x + CLIP vision folders), "pbe" (a Paint-by-Example folder), "scratch"
+    # "sd" (SD v1.x + CLIP vision folders), "pbe" (a Paint-by-Example folder), "components" (pretrained
+    # vae/ and image_encoder/ component folders, UNet from scratch), "scratch"
+    init: str = "scratch"
     sd_folder: str = ""
     clip_folder: str = ""
     pbe_folder: str = ""
+    vae_folder: str = ""
+    image_encoder_folder: str = ""
     unet: dict = dataclasses.field(default_factory=dict)  # config.json keys, for "scratch"
     vae: dict = dataclasses.field(default_factory=dict)
     image_encoder: dict = dataclasses.field(default_factory=dict)
@@ -37,6 +41,7 @@ class DataConfig:
     folder: str = ""  # folder: images + annotations
     annotations: str | None = None
     size: int = 10000  # synthetic: number of scenes
+    scene_size: int = 0  # synthetic: side of the rendered scenes (0: image_size); pairs crop and resize them
     image_size: int = 512
     reference_size: int = 224
     batch_size: int = 16  # global, over all devices and processes
@@ -56,6 +61,7 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    mode: str = "pbe"  # "pbe": Paint-by-Example training; "vae" / "tower": pretrain a small frozen network
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()

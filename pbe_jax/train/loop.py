@@ -17,7 +17,7 @@ from flax import nnx
 from pbe_jax import convert, parallel
 from pbe_jax.convert import init as initialise
 from pbe_jax.diffusion import NoiseSchedule
-from pbe_jax.models import CLIPVisionConfig, Policy, UNetConfig, VAEConfig
+from pbe_jax.models import CLIPVisionConfig, Policy, UNet2DConditionModel, UNetConfig, VAEConfig
 from pbe_jax.train import state as train_state
 from pbe_jax.train.checkpoint import Checkpoints, abstract
 from pbe_jax.train.config import TrainConfig, to_dict
@@ -36,15 +36,28 @@ def build_models(cfg: TrainConfig) -> convert.PaintByExampleModels:
         return initialise.from_stable_diffusion(m.sd_folder, m.clip_folder, policy=policy, seed=cfg.seed)
     if m.init == "pbe":
         return initialise.from_paint_by_example(m.pbe_folder, policy=policy)
+    if m.init == "components":
+        return convert.PaintByExampleModels(
+            initialise.random_module(UNet2DConditionModel, UNetConfig.from_dict(m.unet, "model.unet"), policy,
+                                     cfg.seed),
+            convert.load_component(m.vae_folder, "vae", policy=policy),
+            convert.load_component(m.image_encoder_folder, "image_encoder", policy=policy),
+            _scratch_extras(cfg))
     if m.init == "scratch":
         return initialise.from_scratch(UNetConfig.from_dict(m.unet, "model.unet"),
                                        VAEConfig.from_dict(m.vae, "model.vae"),
                                        CLIPVisionConfig.from_dict(m.image_encoder, "model.image_encoder"),
-                                       policy=policy, seed=cfg.seed,
-                                       extra_configs={"feature_extractor": {
-                                           "crop_size": cfg.data.reference_size,
-                                           "size": {"shortest_edge": cfg.data.reference_size}}})
-    raise ValueError(f"model.init must be 'sd', 'pbe' or 'scratch', not {m.init!r}")
+                                       policy=policy, seed=cfg.seed, extra_configs=_scratch_extras(cfg))
+    raise ValueError(f"model.init must be 'sd', 'pbe', 'components' or 'scratch', not {m.init!r}")
+
+
+def _scratch_extras(cfg: TrainConfig) -> dict:
+    """Sampling configs for a model trained here: the PLMS scheduler and the reference preprocessing."""
+    size = cfg.data.reference_size
+    return {"scheduler": {"_class_name": "PNDMScheduler", **dataclasses.asdict(NoiseSchedule()),
+                          "skip_prk_steps": True},
+            "feature_extractor": {"crop_size": {"height": size, "width": size}, "size": {"shortest_edge": size},
+                                  "do_center_crop": True, "do_normalize": True, "do_resize": True, "resample": 3}}
 
 
 def make_source(cfg: TrainConfig):
@@ -58,7 +71,7 @@ def make_source(cfg: TrainConfig):
     if d.source == "synthetic":
         from pbe_jax.data.synthetic import SyntheticSource
 
-        return SyntheticSource(d.size, seed=cfg.seed, image_size=d.image_size)
+        return SyntheticSource(d.size, seed=cfg.seed, image_size=d.scene_size or d.image_size)
     raise ValueError(f"data.source must be 'tfds', 'folder' or 'synthetic', not {d.source!r}")
 
 
@@ -127,6 +140,25 @@ def _sample_grid(trainer: Trainer, batch: dict, steps: int) -> np.ndarray:
     return np.concatenate([grid(i, m, r, o) for i, m, r, o in zip(batch["image"], masks, batch["reference"], out)])
 
 
+def _pretrain(cfg: TrainConfig, workdir: Path) -> dict:
+    from pbe_jax.train import pretrain
+
+    writer = MetricsWriter(workdir)
+    last = {}
+
+    def log(step: int, metrics: dict) -> None:
+        last.update(metrics)
+        writer.write(step, metrics)
+        print(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+
+    try:
+        out = (pretrain.train_vae if cfg.mode == "vae" else pretrain.train_tower)(cfg, workdir, log)
+    finally:
+        writer.close()
+    print(f"wrote {out}")
+    return last
+
+
 def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
     """Run (or resume) training in `workdir`; returns the final metrics. Raises TrainingDiverged on a
     non-finite loss, leaving the last good checkpoint in place."""
@@ -137,6 +169,8 @@ def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, progre
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
+    if cfg.mode in ("vae", "tower"):
+        return _pretrain(cfg, workdir)
     trainer = build_trainer(cfg)
     ckpt = Checkpoints(workdir / "checkpoints", keep=cfg.keep_checkpoints)
     loader = make_loader(cfg, seed=cfg.seed)

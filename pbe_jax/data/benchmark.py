@@ -1,0 +1,293 @@
+"""The held-out benchmark: synthetic scenes in the COCOEE layout, for the case the paper targets, where the
+reference is another instance of another kind, in another pose, cut out of another picture; and the two
+baselines that need no model.
+
+A benchmark folder (what `make_benchmark` writes, what `python sample.py --batch` reads):
+    source/<id>.png      RGB scene, image_size²
+    mask/<id>.png        L, 255 over the masked box, 0 elsewhere
+    reference/<id>.png   RGB crop of the exemplar object from its own scene, its box padded by REFERENCE_PAD px
+    labels.jsonl         per id: {"id", "box": [x0, y0, x1, y1] (the mask's white box, x1/y1 exclusive),
+                         "reference": {shape, colour, pattern, rotation, radius},
+                         "original": {shape, colour, pattern, centre, rotation, radius, visible, box}}
+    benchmark.json       the settings and the attribute vocabularies (shape, colour and pattern are indices
+                         into its "shapes", "colours", "patterns")
+Ids are zero-padded indices ("000123"). A results folder holds <id>.png, the full edited image at the source's
+size, as `sample.py --batch` and the baselines write it.
+
+Seeds: training scene i of `SyntheticSource(seed=s)` is drawn from `default_rng([s, i])`; benchmark item i
+from `default_rng([seed, i, ITEM_TAG])`. numpy pads a seed's words with zeros to four, so [s, i] is
+[s, i, 0, 0]; a non-zero third word keeps every benchmark item out of every training stream, whatever the
+seeds. The default seed differs from training's small seeds as well.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pbe_jax import batch, images
+from pbe_jax.data import synthetic
+
+BENCHMARK_SEED = 1_000_003
+EXAMPLES_SEED = 2_000_003
+ITEM_TAG = 1
+MOSTLY_VISIBLE = 0.85  # the masked object: at least this much of it in view, so the label describes what is seen
+MIN_TARGET_FRACTION = 0.04  # ... and its box at least this share of the image, so there is something to replace
+MASK_MARGIN = 0.03  # the mask box: the object's box grown by this share of the image side per side
+REFERENCE_RADIUS = (0.25, 0.4)  # of the reference scene's side; source objects are 0.08-0.22 of theirs
+MIN_TURN = np.pi / 8  # the exemplar's rotation differs from the masked object's by at least this
+REFERENCE_PAD = 4  # px around the exemplar's box in its crop
+SCENE_DRAWS = 100  # source scenes tried per item before giving up (one is almost always enough)
+ROLES = ("source", "mask", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    id: str
+    source: np.ndarray  # uint8 (S, S, 3)
+    mask: np.ndarray  # uint8 (S, S), 255 = edit
+    reference: np.ndarray  # uint8 (h, w, 3)
+    label: dict
+
+
+def _area(box: list[float]) -> float:
+    return (box[2] - box[0]) * (box[3] - box[1])
+
+
+def _pick_target(rng: np.random.Generator, size: int) -> tuple[synthetic.Scene, dict]:
+    """A source scene and one of its mostly visible, not too small objects, chosen uniformly."""
+    for _ in range(SCENE_DRAWS):
+        scene = synthetic.render_scene(rng, size)
+        candidates = [o for o in scene.objects
+                      if o["visible"] >= MOSTLY_VISIBLE and _area(o["box"]) >= MIN_TARGET_FRACTION * size ** 2]
+        if candidates:
+            return scene, candidates[rng.integers(len(candidates))]
+    raise ValueError(f"no scene of {size}² px out of {SCENE_DRAWS} had an object at least {MOSTLY_VISIBLE:.0%} "
+                     f"visible covering {MIN_TARGET_FRACTION:.0%} of the image; use a larger image size")
+
+
+def _mask_box(extent: list[float], size: int) -> list[int]:
+    """All of the object's pixels in the image, grown by MASK_MARGIN of the side and clipped to the image."""
+    m = max(1, round(MASK_MARGIN * size))
+    x0, y0, x1, y1 = (int(v) for v in extent)
+    return [max(x0 - m, 0), max(y0 - m, 0), min(x1 + m, size), min(y1 + m, size)]
+
+
+def _other_attributes(original: dict, rng: np.random.Generator) -> dict:
+    """Uniformly random attributes, redrawn while all three equal the original's."""
+    keys = ("shape", "colour", "pattern")
+    while True:
+        attrs = synthetic.random_attributes(rng)
+        if any(attrs[k] != original[k] for k in keys):
+            return attrs
+
+
+def _turn(original: float, rng: np.random.Generator) -> float:
+    """A rotation at least MIN_TURN away from `original` on the circle."""
+    return float((original + rng.uniform(MIN_TURN, 2 * np.pi - MIN_TURN)) % (2 * np.pi))
+
+
+def _exemplar(attrs: dict, rotation: float, rng: np.random.Generator, size: int) -> tuple[np.ndarray, float]:
+    """The exemplar drawn whole on a fresh background of size², cropped to its box padded by REFERENCE_PAD;
+    and its radius."""
+    canvas = synthetic.background(size, rng)
+    radius = float(rng.uniform(*REFERENCE_RADIUS) * size)
+    reach = np.abs(synthetic.polygon(attrs["shape"], (0, 0), radius, rotation)).max(0)  # half-extent per axis
+    slack = np.maximum(size / 2 - reach - REFERENCE_PAD - 1, 0)  # how far the centre may move, all in view
+    centre = size / 2 + rng.uniform(-slack, slack)
+    fp = synthetic.footprint(synthetic.polygon(attrs["shape"], centre, radius, rotation))
+    synthetic.draw(canvas, fp, attrs, rng)
+    window, inside = fp.clip(size, size)
+    rows, cols = window
+    ys, xs = np.nonzero(inside)
+    y0, y1 = max(rows.start + ys.min() - REFERENCE_PAD, 0), min(rows.start + ys.max() + 1 + REFERENCE_PAD, size)
+    x0, x1 = max(cols.start + xs.min() - REFERENCE_PAD, 0), min(cols.start + xs.max() + 1 + REFERENCE_PAD, size)
+    return canvas[y0:y1, x0:x1], radius
+
+
+def make_item(index: int, *, seed: int = BENCHMARK_SEED, image_size: int = 128,
+              reference_size: int | None = None) -> Item:
+    """Benchmark item `index`: a scene, one of its objects masked out by its box, and an exemplar of other
+    attributes, rotation and size from a scene of its own (reference_size², default image_size²)."""
+    rng = np.random.default_rng([seed, index, ITEM_TAG])
+    scene, original = _pick_target(rng, image_size)
+    box = _mask_box(original["extent"], image_size)
+    mask = np.zeros((image_size, image_size), np.uint8)
+    mask[box[1]:box[3], box[0]:box[2]] = 255
+    attrs = _other_attributes(original, rng)
+    rotation = _turn(original["rotation"], rng)
+    reference, radius = _exemplar(attrs, rotation, rng, reference_size or image_size)
+    id_ = f"{index:06d}"
+    label = {"id": id_, "box": box, "reference": {**attrs, "rotation": rotation, "radius": radius},
+             "original": {k: original[k] for k in ("shape", "colour", "pattern", "centre", "rotation", "radius",
+                                                   "visible", "box")}}
+    return Item(id_, scene.image, mask, reference, label)
+
+
+def _settings(n: int, seed: int, image_size: int, reference_size: int | None) -> dict:
+    return {"n": n, "seed": seed, "image_size": image_size, "reference_size": reference_size or image_size,
+            "shapes": list(synthetic.SHAPES), "colours": list(synthetic.COLOUR_NAMES),
+            "patterns": list(synthetic.PATTERNS)}
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomic, as batch.save_png: an interrupted run leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def make_benchmark(out_dir, n: int = 200, seed: int = BENCHMARK_SEED, image_size: int = 128,
+                   reference_size: int | None = None) -> dict:
+    """Write items 0..n-1 into `out_dir` (layout in the module docstring). Resumable: images already there
+    are kept (the same settings make the same images), labels.jsonl is rewritten whole. A folder made with
+    other settings is refused. Returns {"written": images written, "kept": images already there}."""
+    out = Path(out_dir)
+    settings = _settings(n, seed, image_size, reference_size)
+    meta = out / "benchmark.json"
+    if meta.exists():
+        old = json.loads(meta.read_text())
+        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if changed:
+            raise ValueError(f"{meta}: this folder was made with other settings "
+                             f"({', '.join(f'{k}={a!r}, now {b!r}' for k, (a, b) in changed.items())}); "
+                             f"use another folder or the same settings")
+    for role in ROLES:
+        (out / role).mkdir(parents=True, exist_ok=True)
+    _write_text(meta, json.dumps(settings, indent=1) + "\n")
+    stats = {"written": 0, "kept": 0}
+    labels = []
+    for i in range(n):
+        item = make_item(i, seed=seed, image_size=image_size, reference_size=reference_size)
+        for role in ROLES:
+            path = out / role / f"{item.id}.png"
+            if path.exists():
+                stats["kept"] += 1
+            else:
+                batch.save_png(getattr(item, role), path)
+                stats["written"] += 1
+        labels.append(json.dumps(item.label))
+    _write_text(out / "labels.jsonl", "\n".join(labels) + "\n")
+    return stats
+
+
+def read_labels(benchmark_dir) -> dict[str, dict]:
+    """labels.jsonl as {id: label}."""
+    path = Path(benchmark_dir) / "labels.jsonl"
+    rows = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+            rows[row["id"]] = row
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: expected a JSON object with an \"id\" ({e})")
+    return rows
+
+
+def write_examples(out_dir, n: int = 1, *, seed: int = EXAMPLES_SEED, image_size: int = 128) -> list[Path]:
+    """Example inputs for `sample.py`: source.png, mask.png, reference.png and label.json, drawn like
+    benchmark items from a seed of their own. One example goes straight into `out_dir`; several go into
+    `out_dir/<id>/`. Returns the folders written."""
+    folders = []
+    for i in range(n):
+        item = make_item(i, seed=seed, image_size=image_size)
+        folder = Path(out_dir) if n == 1 else Path(out_dir) / item.id
+        folder.mkdir(parents=True, exist_ok=True)
+        for role in ROLES:
+            batch.save_png(getattr(item, role), folder / f"{role}.png")
+        _write_text(folder / "label.json", json.dumps(item.label, indent=1) + "\n")
+        folders.append(folder)
+    return folders
+
+
+def paste_reference(source: np.ndarray, mask: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The paper's copy-paste edit: the reference resized (bicubic) to the bounding box of the mask's white
+    (≥ 0.5) pixels and pasted over it; the source everywhere else."""
+    ys, xs = np.nonzero(mask >= 0.5)
+    if not len(ys):
+        raise ValueError("copy-paste needs a mask with white pixels; this one is empty")
+    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    out = source.copy()
+    out[y0:y1, x0:x1] = images.resize_rgb(reference, (y1 - y0, x1 - x0))
+    return out
+
+
+def _run(benchmark_dir, out_dir, edit) -> int:
+    """`out_dir/<id>.png` = edit(source, mask, reference) for every item of a COCOEE-layout folder (this
+    benchmark or the release's); unusable inputs raise, naming the file. Returns the number written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = batch.read_layout(Path(benchmark_dir))
+    for job in jobs:
+        source, mask, reference = batch.check_inputs(job)
+        batch.save_png(edit(source, mask, reference), batch.output_path(out, job))
+    return len(jobs)
+
+
+def copy_paste(benchmark_dir, out_dir) -> int:
+    """The copy-paste baseline's results folder (see `paste_reference`)."""
+    return _run(benchmark_dir, out_dir, paste_reference)
+
+
+def unchanged(benchmark_dir, out_dir) -> int:
+    """The floor: every result is its source as it is."""
+    return _run(benchmark_dir, out_dir, lambda source, mask, reference: source)
+
+
+BASELINES = {"copy-paste": copy_paste, "unchanged": unchanged}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m pbe_jax.data.benchmark", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{make,baseline,examples}")
+    make = sub.add_parser("make", help="write the benchmark folder (resumable)",
+                          description="Write a benchmark folder: source/, mask/, reference/, labels.jsonl.")
+    make.add_argument("out", help="benchmark folder to write")
+    make.add_argument("--n", type=int, default=200, help="number of items (default 200)")
+    make.add_argument("--seed", type=int, default=BENCHMARK_SEED, help=f"benchmark seed (default {BENCHMARK_SEED})")
+    make.add_argument("--size", type=int, default=128, help="source side in px (default 128)")
+    make.add_argument("--reference-size", type=int, default=None,
+                      help="side of the scene the exemplar is cut from (default: --size)")
+    base = sub.add_parser("baseline", help="write a model-free baseline's results folder",
+                          description="Results of a baseline that needs no model, as OUT/<id>.png: copy-paste "
+                                      "(the reference resized into the mask's box) or unchanged (the source).")
+    base.add_argument("name", choices=list(BASELINES), help="which baseline")
+    base.add_argument("benchmark", help="a COCOEE-layout folder (source/, mask/, reference/)")
+    base.add_argument("out", help="results folder to write")
+    ex = sub.add_parser("examples", help="write example inputs for sample.py",
+                        description="Write source.png, mask.png, reference.png (one example) or one folder per "
+                                    "example.")
+    ex.add_argument("out", help="folder to write")
+    ex.add_argument("--n", type=int, default=1, help="number of examples (default 1)")
+    ex.add_argument("--seed", type=int, default=EXAMPLES_SEED, help=f"seed (default {EXAMPLES_SEED})")
+    ex.add_argument("--size", type=int, default=128, help="source side in px (default 128)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "make":
+            stats = make_benchmark(args.out, args.n, args.seed, args.size, args.reference_size)
+            print(f"{args.out}: {args.n} items ({stats['written']} images written, {stats['kept']} already there)")
+        elif args.command == "baseline":
+            count = BASELINES[args.name](args.benchmark, args.out)
+            print(f"{args.out}: {count} {args.name} results")
+        else:
+            folders = write_examples(args.out, args.n, seed=args.seed, image_size=args.size)
+            print(f"{args.out}: {len(folders)} example(s)")
+    except (FileNotFoundError, ValueError) as e:  # images.ImageError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
