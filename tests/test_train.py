@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pbe_jax import parallel
 from pbe_jax.train import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def test_step_updates_only_trainable_parts_and_learns():
     from pbe_jax.train.step import StepConfig, loss_fn
 
     cfg = micro_config("ema_decay=0.9", "cond_drop=0.0")
-    trainer = build_trainer(cfg, mesh=__import__("pbe_jax.parallel", fromlist=["x"]).make_mesh(devices=jax.devices()[:1]))
+    trainer = build_trainer(cfg, mesh=parallel.make_mesh(devices=jax.devices()[:1]))
     batch = jax.tree.map(jnp.asarray, next(make_loader(cfg, seed=0)))
     frozen0 = jax.tree.map(np.asarray, trainer.state.frozen)
     params0 = jax.tree.map(np.asarray, trainer.state.params)
