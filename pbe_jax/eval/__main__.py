@@ -1,0 +1,149 @@
+"""python -m pbe_jax.eval RESULTS --benchmark BENCH: score edits the way the paper does.
+
+RESULTS holds RESULTS/<id>.png (what `python sample.py --batch BENCH --out RESULTS` writes); BENCH is a
+COCOEE-layout folder (source/, mask/, reference/; masks white = edited) with, optionally, labels.jsonl:
+{"id": ..., "box": [x0, y0, x1, y1], "reference": {"shape": i, "colour": i, "pattern": i}} per line.
+The generated region of an item is the result cropped to its box (the mask's bounding box without labels).
+
+  CLIP        cosine similarity of the CLIP tower's pooled embeddings of the generated region and the
+              reference (the paper prints it x 100); needs --model
+  PSNR, SSIM  the result against the source outside the mask (how well the rest is kept; inf = identical)
+  attributes  how often a small classifier, trained on the synthetic world's labels, reads the reference's
+              shape, colour and pattern in the generated region (with labels.jsonl); the classifier is
+              loaded from --classifier, or trained (about a minute on CPU) and saved there for next time
+  FID         with --inception MODULE:FUNCTION, a Python function from a list of uint8 (H, W, 3) images to
+              (N, 2048) Inception pool features (none ships with pbe_jax), against --fid-stats (an .npz with
+              mu and sigma, see pbe_jax.eval.metrics.save_stats) or else against the benchmark's sources
+
+Missing or unreadable results are counted, listed and skipped. Exit status 1 on bad arguments or inputs.
+"""
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+CLASSIFIER_DIR = "attribute_classifier"  # under the benchmark folder, where a trained classifier is cached
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m pbe_jax.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", help="folder of edited images, <id>.png")
+    p.add_argument("--benchmark", required=True, help="COCOEE-layout benchmark folder (source/, mask/, reference/)")
+    p.add_argument("--model", help="folder with the CLIP tower for the CLIP score: a Paint-by-Example folder or "
+                                   "checkpoint, its image_encoder/, or a transformers CLIP(Vision)Model folder")
+    p.add_argument("--classifier", help=f"attribute classifier folder (default BENCH/{CLASSIFIER_DIR}); "
+                                        "trained and saved there when it does not exist yet")
+    p.add_argument("--no-attributes", action="store_true", help="skip the attribute score")
+    p.add_argument("--train-steps", type=int, default=None, help="steps when the classifier has to be trained "
+                                                                 "(default: train_classifier's)")
+    p.add_argument("--seed", type=int, default=0, help="seed for training the classifier")
+    p.add_argument("--inception", metavar="MODULE:FUNCTION", help="Inception feature function, for FID")
+    p.add_argument("--fid-stats", metavar="NPZ", help="real-image feature statistics (mu, sigma) for FID")
+    p.add_argument("--batch-size", type=int, default=32, help="items read and embedded at a time")
+    p.add_argument("--per-item", action="store_true", help="also print one row per item")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON (PSNR inf as Infinity)")
+    args = p.parse_args(argv)
+    if args.fid_stats and not args.inception:
+        p.error("--fid-stats needs --inception: the results' features have to be computed too")
+    return args
+
+
+def import_function(spec: str):
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"--inception {spec!r}: expected MODULE:FUNCTION, e.g. mypackage.inception:features")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--inception {spec!r}: {type(e).__name__}: {e}") from e
+    if not callable(fn):
+        raise ValueError(f"--inception {spec!r} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def get_classifier(args):
+    """Load the classifier, or train it and save it for the next run (a read-only benchmark only warns)."""
+    from pbe_jax.eval import attributes
+
+    folder = Path(args.classifier) if args.classifier else Path(args.benchmark) / CLASSIFIER_DIR
+    if (folder / attributes.CONFIG_FILE).is_file():
+        return attributes.load(folder)
+    print(f"training the attribute classifier (saved to {folder})", file=sys.stderr)
+    steps = {} if args.train_steps is None else {"steps": args.train_steps}
+    classifier, score = attributes.train_classifier(seed=args.seed, log_every=500, **steps)
+    print(f"attribute classifier: held-out accuracy {json.dumps(score)}", file=sys.stderr)
+    try:
+        attributes.save(classifier, folder, {"held_out": score, "seed": args.seed, **steps})
+    except OSError as e:
+        print(f"warning: could not save the classifier to {folder} ({e}); it is used for this run only",
+              file=sys.stderr)
+    return classifier
+
+
+def table(report: dict) -> str:
+    m, skipped = report["metrics"], report["skipped"]
+    lines = [f"{'metric':<28}{'value':>10}{'n':>7}"]
+
+    def row(name, value, n, fmt):
+        lines.append(f"{name:<28}{format(value, fmt):>10}{n:>7}")
+
+    for key, name, fmt in (("clip", "CLIP score (cosine)", ".4f"), ("psnr", "PSNR unmasked (dB)", ".2f"),
+                           ("ssim", "SSIM unmasked", ".4f")):
+        if m[key] is not None:
+            row(name, m[key]["mean"], m[key]["n"], fmt)
+    if m["attributes"] is not None:
+        for key in ("shape", "colour", "pattern", "all"):
+            row(f"attributes: {key}", m["attributes"][key], m["attributes"]["n"], ".3f")
+    if m["fid"] is not None:
+        row("FID", m["fid"]["value"], m["fid"]["n"], ".2f")
+    lines += [f"{name}: skipped, {why}" for name, why in skipped.items()]
+    lines.append(f"{report['evaluated']} of {report['items']} items evaluated; {len(report['missing'])} results "
+                 f"missing" + (f" (e.g. {', '.join(report['missing'][:5])})" if report["missing"] else "") +
+                 f"; {len(report['failed'])} unreadable; {report['resized']} resized to the source's size")
+    lines += [f"  failed {f['id']}: {f['error']}" for f in report["failed"][:10]]
+    return "\n".join(lines)
+
+
+def per_item_table(report: dict) -> str:
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    lines = [f"{'id':<20}{'clip':>8}{'psnr':>8}{'ssim':>8}  predicted / label"]
+    for r in report["per_item"]:
+        attrs = "" if r["predicted"] is None else f"  {r['predicted']} / {r['label']}"
+        lines.append(f"{r['id']:<20}{fmt(r['clip'], '.4f'):>8}{fmt(r['psnr'], '.2f'):>8}{fmt(r['ssim'], '.4f'):>8}"
+                     f"{attrs}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from pbe_jax.eval import LABELS_FILE, evaluate, metrics
+
+    try:
+        for folder, what in ((args.results, "results"), (args.benchmark, "benchmark")):
+            if not Path(folder).is_dir():  # before a minute of classifier training, not after
+                raise FileNotFoundError(f"{folder}: no such {what} folder")
+        embed_fn = metrics.clip_embedder(args.model) if args.model else None
+        inception_fn = import_function(args.inception) if args.inception else None
+        fid_stats = metrics.load_stats(args.fid_stats) if args.fid_stats else None
+        has_labels = (Path(args.benchmark) / LABELS_FILE).is_file()
+        classifier = get_classifier(args) if has_labels and not args.no_attributes else None
+        report = evaluate(args.results, args.benchmark, embed_fn=embed_fn, classifier=classifier,
+                          inception_fn=inception_fn, fid_stats=fid_stats, batch_size=args.batch_size)
+    except (FileNotFoundError, ValueError) as e:  # WeightsError, ConfigError and ImageError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.no_attributes:
+        report["skipped"]["attributes"] = "--no-attributes"
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(table(report))
+        if args.per_item:
+            print(per_item_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
