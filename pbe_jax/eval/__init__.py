@@ -23,7 +23,7 @@ import numpy as np
 from pbe_jax import batch, images
 from pbe_jax.data import benchmark, synthetic
 from pbe_jax.eval import attributes
-from pbe_jax.eval.metrics import (EmbedFn, clip_score, crop, feature_stats, features, frechet_distance,
+from pbe_jax.eval.metrics import (EmbedFn, clip_score, crop, feature_stats, frechet_distance, in_batches,
                                   mask_box, psnr, ssim)
 
 LABELS_FILE = "labels.jsonl"
@@ -151,9 +151,9 @@ def evaluate(results_dir: str | Path, benchmark_dir: str | Path, *, embed_fn: Em
         if classifier is not None and labelled:
             predicted = dict(zip(labelled, attributes.predict(classifier, [regions[i] for i in labelled]).tolist()))
         if inception_fn is not None:
-            fake.append(features(inception_fn, [it.result for it in items]))
+            fake.append(in_batches(inception_fn, [it.result for it in items]))
             if fid_stats is None:
-                real.append(features(inception_fn, [it.source for it in items]))
+                real.append(in_batches(inception_fn, [it.source for it in items]))
         for i, it in enumerate(items):
             resized += it.resized
             rows.append({"id": it.id, "box": it.box, "clip": clip[i] if clip else None,

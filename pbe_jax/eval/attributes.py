@@ -152,7 +152,7 @@ def predict(classifier: AttributeClassifier, crops: Sequence[np.ndarray], batch_
         chunk = x[i:i + batch_size]
         pad = np.zeros((batch_size - len(chunk),) + chunk.shape[1:], np.uint8)  # one shape, one compile
         logits = _logits(graphdef, params, np.concatenate([chunk, pad]).astype(np.float32))
-        out.append(np.stack([np.asarray(l).argmax(-1) for l in logits], -1)[:len(chunk)])
+        out.append(np.stack([np.asarray(z).argmax(-1) for z in logits], -1)[:len(chunk)])
     return np.concatenate(out) if out else np.zeros((0, 3), np.int64)
 
 

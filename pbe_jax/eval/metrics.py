@@ -101,8 +101,8 @@ def crop(image: np.ndarray, box) -> np.ndarray:
     """The pixels of `box` (x0, y0, x1, y1, pixel edges, floats allowed: grown to whole pixels), clipped to
     the image; at least one pixel."""
     h, w = image.shape[:2]
-    x0, y0 = (int(np.clip(np.floor(v), 0, n - 1)) for v, n in zip(box[:2], (w, h)))
-    x1, y1 = (int(np.clip(np.ceil(v), lo + 1, n)) for v, lo, n in zip(box[2:], (x0, y0), (w, h)))
+    x0, y0 = int(np.clip(np.floor(box[0]), 0, w - 1)), int(np.clip(np.floor(box[1]), 0, h - 1))
+    x1, y1 = int(np.clip(np.ceil(box[2]), x0 + 1, w)), int(np.clip(np.ceil(box[3]), y0 + 1, h))
     return image[y0:y1, x0:x1]
 
 
@@ -225,7 +225,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * cross)
 
 
-def features(fn: EmbedFn, imgs: Sequence[np.ndarray], batch_size: int = 50) -> np.ndarray:
+def in_batches(fn: EmbedFn, imgs: Sequence[np.ndarray], batch_size: int = 50) -> np.ndarray:
     """`fn` applied to `imgs` in batches of `batch_size`, concatenated."""
     return np.concatenate([np.asarray(fn(list(imgs[i:i + batch_size]))) for i in range(0, len(imgs), batch_size)])
 
@@ -234,8 +234,8 @@ def fid(real_images: Sequence[np.ndarray], fake_images: Sequence[np.ndarray], in
         batch_size: int = 50) -> float:
     """FID between two image sets with the user's `inception_fn` (a batch of uint8 images → (B, 2048)
     pool features of an Inception-v3; none ships with pbe_jax)."""
-    return frechet_distance(*feature_stats(features(inception_fn, real_images, batch_size)),
-                            *feature_stats(features(inception_fn, fake_images, batch_size)))
+    return frechet_distance(*feature_stats(in_batches(inception_fn, real_images, batch_size)),
+                            *feature_stats(in_batches(inception_fn, fake_images, batch_size)))
 
 
 def save_stats(path: str | Path, mu, sigma) -> None:
