@@ -93,6 +93,11 @@ class PaintByExample:
         self._generate = jax.jit(lambda state, *a, **k: _generate(nnx.merge(graphdef, state), *a, **k),
                                  static_argnames=("use_guidance", "sample_posterior", "draw_latents"))
 
+    def set_weights(self, models: PaintByExampleModels) -> None:
+        """Swap in networks of the same architecture (e.g. newer training weights) without recompiling."""
+        _, state = nnx.split((models.unet, models.vae, models.image_encoder))
+        self._state = parallel.replicate(state, self.mesh) if self.mesh is not None else state
+
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, *, dtype=None, attention: str = "auto",
                         variant: str | None = None, mesh: jax.sharding.Mesh | None = None) -> "PaintByExample":

@@ -57,7 +57,7 @@ def from_scratch(unet: UNetConfig, vae: VAEConfig, image_encoder: CLIPVisionConf
     return PaintByExampleModels(**nets, extra_configs=dict(extra_configs or {}))
 
 
-def _vision_key(key: str) -> str | None:
+def vision_key(key: str) -> str | None:
     """A CLIP checkpoint key as the image encoder names it, or None for the parts it does not use (the text
     tower and the projections of a full CLIPModel)."""
     if key.startswith("vision_model."):
@@ -92,7 +92,7 @@ def from_stable_diffusion(sd_folder: str | Path, clip_folder: str | Path, *, pol
     clip_path = find_weights(clip_folder)
     tower = {}
     for key, value in load_file(clip_path).items():
-        name = _vision_key(key)
+        name = vision_key(key)
         if name is not None and not name.endswith("position_ids"):
             tower[name] = value
     fresh = random_params(PaintByExampleImageEncoder, clip_cfg, policy, seed, only=BOTTLENECK)

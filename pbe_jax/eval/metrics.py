@@ -133,7 +133,7 @@ def _clip_folder(folder: Path):
     `image_encoder/` folder alone, or a transformers CLIP(Vision)Model folder."""
     from pbe_jax.convert import mapping
     from pbe_jax.convert.diffusers import load_component, read_json
-    from pbe_jax.convert.init import _vision_key
+    from pbe_jax.convert.init import vision_key
     from pbe_jax.convert.weights import find_weights, load_file
     from pbe_jax.models import CLIPVisionConfig, CLIPVisionModel, Policy
 
@@ -148,7 +148,7 @@ def _clip_folder(folder: Path):
     path = find_weights(folder)
     state = {}
     for key, value in load_file(path).items():
-        name = _vision_key(key)  # the image encoder's name, model.vision_model.…; None for the text tower
+        name = vision_key(key)  # the image encoder's name, model.vision_model.…; None for the text tower
         if name is not None and not name.endswith("position_ids"):
             state[name.removeprefix("model.")] = value
     cfg = CLIPVisionConfig.from_dict(config, str(folder / "config.json"))

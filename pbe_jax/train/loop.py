@@ -98,6 +98,7 @@ class Trainer:
     step_fn: Any
     shardings: Any
     extra_configs: dict
+    sampler: Any = None  # the PaintByExample that draws sample grids
 
     def models(self, use_ema: bool = True) -> convert.PaintByExampleModels:
         params = self.state.ema if (use_ema and self.state.ema is not None) else self.state.params
@@ -129,7 +130,11 @@ def _sample_grid(trainer: Trainer, batch: dict, steps: int) -> np.ndarray:
     from pbe_jax.batch import grid
     from pbe_jax.pipeline import PaintByExample
 
-    pipe = PaintByExample(trainer.models())
+    if trainer.sampler is None:  # built once: later grids reuse its compiled generation
+        trainer.sampler = PaintByExample(trainer.models())
+    else:
+        trainer.sampler.set_weights(trainer.models())
+    pipe = trainer.sampler
     s = batch["image"].shape[1]
     masks = []
     for x0, y0, x1, y1 in batch["box_ext"]:
