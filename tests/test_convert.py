@@ -145,3 +145,20 @@ def test_compare_cli_on_a_diffusers_folder(tiny_folder, capsys):
     assert cmp.main(["--diffusers", str(tiny_folder("alt")), "--batch", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["ok"] and [c["component"] for c in result["components"]] == list(cmp.COMPONENTS)
+
+
+@pytest.mark.parametrize("to", ["jax", "diffusers"])
+def test_float16_storage_halves_the_files_and_loads_back_rounded(tiny_folder, tmp_path, to):
+    src = tiny_folder("sd")
+    convert(src, tmp_path / "full", to=to)
+    convert(src, tmp_path / "half", to=to, dtype="float16")
+    size = lambda d: sum(f.stat().st_size for f in d.rglob("*.safetensors"))  # noqa: E731
+    assert size(tmp_path / "half") < 0.6 * size(tmp_path / "full")
+    full, half = params_of(load(tmp_path / "full")), params_of(load(tmp_path / "half"))
+    for name in full:
+        assert full[name].keys() == half[name].keys()
+        for k, x in full[name].items():
+            assert half[name][k].dtype == x.dtype == np.float32  # stored in half precision, loaded as float32
+            np.testing.assert_array_equal(half[name][k], x.astype(np.float16).astype(np.float32))
+    with pytest.raises(ValueError, match="storage dtype must be one of"):
+        convert(src, tmp_path / "bad", to=to, dtype="int8")

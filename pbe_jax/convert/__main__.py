@@ -16,9 +16,11 @@ def main(argv=None) -> int:
     p.add_argument("--to", choices=["jax", "diffusers"], default=None,
                    help="output format (default: jax for a diffusers source, diffusers for a pbe_jax checkpoint)")
     p.add_argument("--variant", default=None, help="read diffusers weight files of this variant, e.g. fp16")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="store the weights in this type (default: as loaded, float32); loading casts back")
     args = p.parse_args(argv)
     try:
-        to = convert(args.src, args.dst, to=args.to, variant=args.variant)
+        to = convert(args.src, args.dst, to=args.to, variant=args.variant, dtype=args.dtype)
     except (WeightsError, ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pbe_jax import __version__
@@ -122,16 +124,32 @@ def load_component(folder: Path, name: str, *, policy: Policy = Policy(), varian
     return from_state_dict(name, config, load_file(path), policy=policy, source=str(path))
 
 
-def save_component(module: nnx.Module, folder: Path, name: str, *, format: str) -> None:
-    """Write one component as `format` "diffusers" (PyTorch names and layouts) or "jax" (this project's)."""
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _stored(tensors: dict[str, np.ndarray], dtype: str | None) -> dict[str, np.ndarray]:
+    """Floating-point tensors cast to the storage `dtype` (None: as they are); loading casts them back."""
+    if dtype is None:
+        return tensors
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, not {dtype!r}")
+    target = jnp.dtype(dtype)
+    return {k: np.asarray(v, target) if np.issubdtype(v.dtype, np.floating) or v.dtype == jnp.bfloat16 else v
+            for k, v in tensors.items()}
+
+
+def save_component(module: nnx.Module, folder: Path, name: str, *, format: str, dtype: str | None = None) -> None:
+    """Write one component as `format` "diffusers" (PyTorch names and layouts) or "jax" (this project's);
+    `dtype` ("float16", ...) stores the weights in a smaller type (default: the parameters' own)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "config.json", module.config.to_dict())
     if format == "diffusers":
-        save_safetensors(mapping.to_torch(module), folder / COMPONENTS[name].weights_file, {"format": "pt"})
+        save_safetensors(_stored(mapping.to_torch(module), dtype), folder / COMPONENTS[name].weights_file,
+                         {"format": "pt"})
     elif format == "jax":
         params = {mapping.flax_name(p): a for p, a in mapping.module_params(module).items()}
-        save_safetensors(params, folder / PARAMS_FILE, {"format": "pbe_jax", "component": name})
+        save_safetensors(_stored(params, dtype), folder / PARAMS_FILE, {"format": "pbe_jax", "component": name})
     else:
         raise ValueError(f"format must be 'diffusers' or 'jax', not {format!r}")
 
@@ -154,12 +172,13 @@ def load(folder: str | Path, *, policy: Policy = Policy(), variant: str | None =
     return PaintByExampleModels(**models, extra_configs=extras)
 
 
-def save(models: PaintByExampleModels, folder: str | Path, *, format: str) -> Path:
-    """Write a whole pipeline folder; "diffusers" opens with diffusers/transformers `from_pretrained`."""
+def save(models: PaintByExampleModels, folder: str | Path, *, format: str, dtype: str | None = None) -> Path:
+    """Write a whole pipeline folder; "diffusers" opens with diffusers/transformers `from_pretrained`.
+    `dtype`: storage type of the weights, as in `save_component`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, module in models.components().items():
-        save_component(module, folder / name, name, format=format)
+        save_component(module, folder / name, name, format=format, dtype=dtype)
     for name, cfg in models.extra_configs.items():
         (folder / name).mkdir(exist_ok=True)
         write_json(folder / name / PASSTHROUGH[name], cfg)
@@ -179,8 +198,10 @@ def save(models: PaintByExampleModels, folder: str | Path, *, format: str) -> Pa
     return folder
 
 
-def convert(src: str | Path, dst: str | Path, *, to: str | None = None, variant: str | None = None) -> str:
-    """Convert a folder: diffusers → this project's checkpoint, or back (`to` defaults to the other one)."""
+def convert(src: str | Path, dst: str | Path, *, to: str | None = None, variant: str | None = None,
+            dtype: str | None = None) -> str:
+    """Convert a folder: diffusers → this project's checkpoint, or back (`to` defaults to the other one);
+    `dtype` stores the weights in that type (e.g. "float16", half the size)."""
     src, dst = Path(src), Path(dst)
     to = to or ("diffusers" if is_checkpoint(src) else "jax")
     if src.resolve() == dst.resolve():
@@ -188,7 +209,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, variant:
     models = load(src, variant=variant)
     tmp = dst.with_name(dst.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    save(models, tmp, format=to)
+    save(models, tmp, format=to, dtype=dtype)
     if dst.exists():
         shutil.rmtree(dst)
     tmp.rename(dst)
