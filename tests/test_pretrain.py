@@ -1,6 +1,7 @@
 """Pretraining the small frozen networks: the VAE and the attribute-supervised vision tower learn, and their
 exports are the components Paint-by-Example training starts from."""
 import numpy as np
+import pytest
 
 from pbe_jax.convert import load_component
 from pbe_jax.train import config as config_lib
@@ -25,6 +26,10 @@ def test_vae_learns_to_reconstruct_and_exports(tmp_path):
     assert logs[-1]["l1"] < 0.85 * logs[0]["l1"], (logs[0], logs[-1])
     vae = load_component(out, "vae")
     assert vae.config.block_out_channels == (16, 32, 32)
+    # The exported scaling factor makes the diffusion latents of unit variance, as SD's 0.18215 does for its VAE.
+    x = next(pretrain.scene_batches(32, 64, 16, 5, 200))
+    assert np.asarray(vae.scale(vae.encode(x).mean)).std() == pytest.approx(1.0, abs=0.2)
+    assert vae.config.scaling_factor != 0.18215
 
 
 def test_tower_learns_attributes_and_exports_an_image_encoder(tmp_path):
@@ -42,3 +47,19 @@ def test_object_crops_are_labelled_and_varied():
     assert all(c.shape == (24, 24, 3) and c.dtype == np.uint8 for c in crops)
     assert len(set(labels)) > 10
     assert not np.array_equal(crops[0], crops[1])
+
+
+def test_tower_positions_start_from_a_sine_cosine_table():
+    table = pretrain.sincos_positions(4, 32)
+    assert table.shape == (17, 32) and not table[0].any()  # the class token's row
+    assert len({row.tobytes() for row in table[1:]}) == 16  # every patch position coded differently
+    # Patches in the same row share the row half of the code; in the same column, the column half.
+    np.testing.assert_array_equal(table[1, :16], table[2, :16])
+    np.testing.assert_array_equal(table[1, 16:], table[5, 16:])
+    from flax import nnx
+
+    from pbe_jax.models import CLIPVisionConfig
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                           image_size=16, patch_size=4)
+    model = pretrain.TowerClassifier(cfg, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(model.tower.vision_model.embeddings.position_embedding.embedding[...], table)

@@ -5,6 +5,7 @@ token carries what an exemplar should transfer. Each writes a component folder t
 `model.init="components"` starts Paint-by-Example training from."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -24,13 +25,19 @@ from pbe_jax.models.layers import linear
 from pbe_jax.train.config import TrainConfig
 
 Log = Callable[[int, dict], None]
+SHAPE_WEIGHT = 3.0  # the tower's shape loss counts this much more: colour and pattern are learnt in a few hundred steps
 
 
-def fit(loss_fn, module: nnx.Module, batches: Iterator, steps: int, lr: float, log: Log, every: int = 50):
-    """AdamW with cosine decay over `steps` on every parameter of `module`, one jitted step; returns the
-    trained module and the last logged metrics. `loss_fn(module, batch, key) -> (loss, aux dict)`."""
+def fit(loss_fn, module: nnx.Module, batches: Iterator, steps: int, lr: float, log: Log, every: int = 50,
+        warmup: int = 0):
+    """AdamW with linear warmup over `warmup` steps then cosine decay to the end, on every parameter of
+    `module`, one jitted step; returns the trained module and the last logged metrics.
+    `loss_fn(module, batch, key) -> (loss, aux dict)`."""
     graphdef, params = nnx.split(module)
-    opt = optax.adamw(optax.cosine_decay_schedule(lr, steps, 0.05), weight_decay=1e-4)
+    warmup = min(warmup, steps // 2)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, 0.05 * lr) if warmup else \
+        optax.cosine_decay_schedule(lr, steps, 0.05)
+    opt = optax.adamw(schedule, weight_decay=1e-4)
     opt_state = opt.init(params)
 
     @jax.jit
@@ -76,22 +83,49 @@ def vae_loss(vae: AutoencoderKL, x: jax.Array, key: jax.Array, beta: float = 1e-
     return l1 + l2 + beta * kl, {"l1": l1, "kl": kl}
 
 
+def latent_scaling_factor(vae: AutoencoderKL, batches: Iterator[jax.Array], count: int = 16) -> float:
+    """1 / the standard deviation of the posterior means over `count` batches, Stable Diffusion's rule
+    (its 0.18215): the diffusion model then sees latents of unit variance, which its noise schedule assumes."""
+    encode = jax.jit(lambda x: vae.encode(x).mean)
+    means = np.concatenate([np.asarray(encode(next(batches))).ravel() for _ in range(count)])
+    return float(1.0 / means.std())
+
+
 def train_vae(cfg: TrainConfig, workdir: Path, log: Log) -> Path:
     """The autoencoder on scenes at data.image_size; writes workdir/export/vae (this project's format)."""
     vae = random_module(AutoencoderKL, VAEConfig.from_dict(cfg.model.vae, "model.vae"), Policy(), cfg.seed)
     d = cfg.data
     batches = scene_batches(d.image_size, d.scene_size or d.image_size, d.batch_size, cfg.seed, d.size)
-    vae, _ = fit(vae_loss, vae, batches, cfg.steps, cfg.optim.lr, log, cfg.log_every)
+    vae, _ = fit(vae_loss, vae, batches, cfg.steps, cfg.optim.lr, log, cfg.log_every, cfg.optim.warmup_steps)
+    fresh = scene_batches(d.image_size, d.scene_size or d.image_size, d.batch_size, cfg.seed, d.size)
+    vae.config = dataclasses.replace(vae.config, scaling_factor=latent_scaling_factor(vae, fresh))
     out = Path(workdir) / "export" / "vae"
     save_component(vae, out, "vae", format="jax")
     return out
 
 
+def sincos_positions(grid: int, dim: int) -> np.ndarray:
+    """Fixed 2-D sine-cosine position embeddings (as MAE's), (1 + grid², dim), the class token's row zero: half
+    the channels code the row, half the column, at geometrically spaced frequencies."""
+    quarter = dim // 4
+    freqs = 1.0 / 10000 ** (np.arange(quarter) / quarter)
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    code = lambda pos: np.concatenate([np.sin(pos.reshape(-1, 1) * freqs), np.cos(pos.reshape(-1, 1) * freqs)], 1)  # noqa: E731
+    table = np.concatenate([code(rows), code(cols)], 1)
+    table = np.pad(table, ((0, 0), (0, dim - table.shape[1])))
+    return np.concatenate([np.zeros((1, dim)), table]).astype(np.float32)
+
+
 class TowerClassifier(nnx.Module):
-    """The vision tower with one linear head per attribute on its pooled output."""
+    """The vision tower with one linear head per attribute on its pooled output. Its position embeddings
+    start from a 2-D sine-cosine table rather than noise: trained from scratch, a ViT with random positions
+    learns colour and pattern (a bag of patches tells those) long before shape (where the patches are)."""
 
     def __init__(self, config: CLIPVisionConfig, *, policy: Policy = Policy(), rngs: nnx.Rngs):
         self.tower = CLIPVisionModel(config, policy=policy, rngs=rngs)
+        table = self.tower.vision_model.embeddings.position_embedding.embedding
+        table[...] = jnp.asarray(sincos_positions(config.image_size // config.patch_size, config.hidden_size),
+                                 table[...].dtype)
         d = config.hidden_size
         self.heads = nnx.List([linear(d, n, True, policy, rngs) for n in
                                (len(synthetic.SHAPES), len(synthetic.COLOURS), len(synthetic.PATTERNS))])
@@ -134,7 +168,7 @@ def tower_loss(model: TowerClassifier, batch, key):
     logits = model(x)
     losses = [optax.softmax_cross_entropy_with_integer_labels(l, labels[:, i]).mean() for i, l in enumerate(logits)]
     accuracy = [jnp.mean(jnp.argmax(l, -1) == labels[:, i]) for i, l in enumerate(logits)]
-    return sum(losses), {"acc_shape": accuracy[0], "acc_colour": accuracy[1], "acc_pattern": accuracy[2]}
+    return SHAPE_WEIGHT * losses[0] + losses[1] + losses[2], {"acc_shape": accuracy[0], "acc_colour": accuracy[1], "acc_pattern": accuracy[2]}
 
 
 def train_tower(cfg: TrainConfig, workdir: Path, log: Log) -> Path:
@@ -143,7 +177,7 @@ def train_tower(cfg: TrainConfig, workdir: Path, log: Log) -> Path:
     ccfg = CLIPVisionConfig.from_dict(cfg.model.image_encoder, "model.image_encoder")
     model = TowerClassifier(ccfg, rngs=nnx.Rngs(cfg.seed))
     model, _ = fit(tower_loss, model, crop_batches(ccfg.image_size, cfg.data.batch_size, cfg.seed), cfg.steps,
-                   cfg.optim.lr, log, cfg.log_every)
+                   cfg.optim.lr, log, cfg.log_every, cfg.optim.warmup_steps)
     tower = {("model",) + p: a for p, a in mapping.module_params(model.tower).items()}
     fresh = random_params(PaintByExampleImageEncoder, ccfg, Policy(), cfg.seed, only=BOTTLENECK)
     encoder = mapping.materialize(PaintByExampleImageEncoder, ccfg, Policy(), {**tower, **fresh}, "trained tower")
