@@ -232,6 +232,16 @@ def test_cli_end_to_end(tmp_path, classifier, capsys):
     out = capsys.readouterr().out
     assert "attributes: all" in out and "1 results missing (e.g. 000003)" in out and "000011" in out
 
+    # Several folders: one Markdown row each, the same numbers as the single reports.
+    assert main([str(tmp_path / "unchanged"), str(tmp_path / "paste"), "--benchmark", str(bench),
+                 "--classifier", str(classifier[2])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| results | n | PSNR") and "attr. all" in lines[0] and "CLIP" not in lines[0]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines[2:4]}
+    assert rows["paste"][1] == "12" and rows["unchanged"][1] == "11"
+    assert float(rows["paste"][-1].rstrip(" |")) == pytest.approx(b["all"], abs=1e-3)
+    assert any("unchanged: 1 missing" in line for line in lines)
+
 
 def test_evaluate_clip_and_fid_without_labels(tmp_path):
     bench = _benchmark(tmp_path, 4)

@@ -1,6 +1,7 @@
-"""python -m pbe_jax.eval RESULTS --benchmark BENCH: score edits the way the paper does.
+"""python -m pbe_jax.eval RESULTS [RESULTS ...] --benchmark BENCH: score edits the way the paper does.
 
-RESULTS holds RESULTS/<id>.png (what `python sample.py --batch BENCH --out RESULTS` writes); BENCH is a
+Several results folders (a model and its baselines) print one comparison table, a row per folder, in
+Markdown. RESULTS holds RESULTS/<id>.png (what `python sample.py --batch BENCH --out RESULTS` writes); BENCH is a
 COCOEE-layout folder (source/, mask/, reference/; masks white = edited) with, optionally, labels.jsonl:
 {"id": ..., "box": [x0, y0, x1, y1], "reference": {"shape": i, "colour": i, "pattern": i}} per line.
 The generated region of an item is the result cropped to its box (the mask's bounding box without labels).
@@ -29,7 +30,7 @@ CLASSIFIER_DIR = "attribute_classifier"  # under the benchmark folder, where a t
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m pbe_jax.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", help="folder of edited images, <id>.png")
+    p.add_argument("results", nargs="+", help="folder(s) of edited images, <id>.png")
     p.add_argument("--benchmark", required=True, help="COCOEE-layout benchmark folder (source/, mask/, reference/)")
     p.add_argument("--model", help="folder with the CLIP tower for the CLIP score: a Paint-by-Example folder or "
                                    "checkpoint, its image_encoder/, or a transformers CLIP(Vision)Model folder")
@@ -106,6 +107,24 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def comparison_table(reports: dict[str, dict]) -> str:
+    """One Markdown row per results folder: the headline metrics side by side."""
+    columns = [("CLIP score", lambda m: m["clip"] and m["clip"]["mean"] * 100, ".2f"),
+               ("PSNR unmasked (dB)", lambda m: m["psnr"] and m["psnr"]["mean"], ".2f"),
+               ("SSIM unmasked", lambda m: m["ssim"] and m["ssim"]["mean"], ".4f")]
+    columns += [(f"attr. {k}", lambda m, k=k: m["attributes"] and m["attributes"][k], ".3f")
+                for k in ("shape", "colour", "pattern", "all")]
+    columns.append(("FID", lambda m: m["fid"] and m["fid"]["value"], ".2f"))
+    used = [c for c in columns if any(c[1](r["metrics"]) is not None for r in reports.values())]
+    lines = ["| results | n | " + " | ".join(c[0] for c in used) + " |", "|---" * (len(used) + 2) + "|"]
+    for name, r in reports.items():
+        cells = ["-" if (v := get(r["metrics"])) is None else format(v, fmt) for _, get, fmt in used]
+        lines.append(f"| {name} | {r['evaluated']} | " + " | ".join(cells) + " |")
+    notes = [f"{name}: {len(r['missing'])} missing, {len(r['failed'])} unreadable" for name, r in reports.items()
+             if r["missing"] or r["failed"]]
+    return "\n".join(lines + notes)
+
+
 def per_item_table(report: dict) -> str:
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     lines = [f"{'id':<20}{'clip':>8}{'psnr':>8}{'ssim':>8}  predicted / label"]
@@ -121,7 +140,7 @@ def main(argv=None) -> int:
     from pbe_jax.eval import LABELS_FILE, evaluate, metrics
 
     try:
-        for folder, what in ((args.results, "results"), (args.benchmark, "benchmark")):
+        for folder, what in [(r, "results") for r in args.results] + [(args.benchmark, "benchmark")]:
             if not Path(folder).is_dir():  # before a minute of classifier training, not after
                 raise FileNotFoundError(f"{folder}: no such {what} folder")
         embed_fn = metrics.clip_embedder(args.model) if args.model else None
@@ -129,17 +148,24 @@ def main(argv=None) -> int:
         fid_stats = metrics.load_stats(args.fid_stats) if args.fid_stats else None
         has_labels = (Path(args.benchmark) / LABELS_FILE).is_file()
         classifier = get_classifier(args) if has_labels and not args.no_attributes else None
-        report = evaluate(args.results, args.benchmark, embed_fn=embed_fn, classifier=classifier,
-                          inception_fn=inception_fn, fid_stats=fid_stats, batch_size=args.batch_size)
+        reports = {folder: evaluate(folder, args.benchmark, embed_fn=embed_fn, classifier=classifier,
+                                    inception_fn=inception_fn, fid_stats=fid_stats, batch_size=args.batch_size)
+                   for folder in args.results}
     except (FileNotFoundError, ValueError) as e:  # WeightsError, ConfigError and ImageError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if args.no_attributes:
-        report["skipped"]["attributes"] = "--no-attributes"
+    for report in reports.values():
+        if args.no_attributes:
+            report["skipped"]["attributes"] = "--no-attributes"
     if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(table(report))
+        print(json.dumps(reports if len(reports) > 1 else reports[args.results[0]], indent=2))
+        return 0
+    if len(reports) > 1:
+        names = [Path(f).name for f in reports]  # the folders' own names when those tell them apart
+        print(comparison_table(dict(zip(names if len(set(names)) == len(names) else reports, reports.values()))))
+    for folder, report in reports.items():
+        if len(reports) == 1 or args.per_item:
+            print(("" if len(reports) == 1 else f"\n{folder}\n") + table(report))
         if args.per_item:
             print(per_item_table(report))
     return 0
