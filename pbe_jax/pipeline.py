@@ -91,7 +91,7 @@ class PaintByExample:
         self.mesh = mesh
         self._state = parallel.replicate(state, mesh) if mesh is not None else state
         self._generate = jax.jit(lambda state, *a, **k: _generate(nnx.merge(graphdef, state), *a, **k),
-                                 static_argnames=("use_guidance", "sample_posterior", "draw_latents"))
+                                 static_argnames=("condition", "sample_posterior", "draw_latents"))
 
     def set_weights(self, models: PaintByExampleModels) -> None:
         """Swap in networks of the same architecture (e.g. newer training weights) without recompiling."""
@@ -134,7 +134,9 @@ class PaintByExample:
         consecutive. `latents`, if given, is the initial noise in diffusers' NCHW layout
         (B · n, 4, height/8, width/8), so that both pipelines can start from the same point.
         `keep_unmasked` pastes the source back outside the mask (feathered at the edge inside it).
-        `sample_posterior=False` encodes the masked source with the posterior mean instead of a sample."""
+        `sample_posterior=False` encodes the masked source with the posterior mean instead of a sample.
+        `guidance_scale`: > 1 classifier-free guidance, (0, 1] the exemplar's condition alone, 0 the learned
+        unconditional vector alone (the reference is then ignored)."""
         x = self.preprocess(image, mask, reference, height, width)
         return self.generate(x, steps=steps, guidance_scale=guidance_scale, seed=seed, latents=latents,
                              sampler=sampler, num_images_per_reference=num_images_per_reference, eta=eta,
@@ -171,7 +173,7 @@ class PaintByExample:
             batch = parallel.shard_batch(tuple(np.concatenate([a, np.repeat(a[-1:], padded - rows, axis=0)])
                                                for a in batch), self.mesh)
         out = self._generate(self._state, *batch, tables, jnp.float32(guidance_scale),
-                             use_guidance=guidance_scale > 1.0, sample_posterior=sample_posterior,
+                             condition=_condition(guidance_scale), sample_posterior=sample_posterior,
                              draw_latents=latents is None)
         out = np.asarray(out)[:rows]
         if keep_unmasked:
@@ -180,7 +182,16 @@ class PaintByExample:
         return out
 
 
-def _generate(nets, image, keep, reference, z, seeds, tables, scale, *, use_guidance: bool,
+def _condition(guidance_scale: float) -> str:
+    """What the UNet is conditioned on: "guided" (classifier-free guidance, scale > 1), "cond" (the
+    exemplar alone, 0 < scale ≤ 1, as diffusers does) or "uncond" (scale 0: the learned uncond vector alone,
+    no exemplar; the paper's "no exemplar" baseline)."""
+    if guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be ≥ 0, not {guidance_scale}")
+    return "guided" if guidance_scale > 1.0 else "uncond" if guidance_scale == 0 else "cond"
+
+
+def _generate(nets, image, keep, reference, z, seeds, tables, scale, *, condition: str,
               sample_posterior: bool, draw_latents: bool):
     """Everything after host preprocessing, traced once per shape: per-row keys, condition, masked-image
     latents, the sampler loop, decoding, uint8."""
@@ -207,7 +218,9 @@ def _generate(nets, image, keep, reference, z, seeds, tables, scale, *, use_guid
         reps = x.shape[0] // b
         return unet(jnp.concatenate([x, jnp.tile(extra, (reps, 1, 1, 1))], axis=-1), t, context)
 
-    latents = sample(guided(eps_fn, cond, uncond, scale, use_guidance), z, tables, keys[:, 2])
+    if condition == "uncond":
+        cond = uncond
+    latents = sample(guided(eps_fn, cond, uncond, scale, condition == "guided"), z, tables, keys[:, 2])
     decoded = vae.decode(vae.unscale(latents)).astype(jnp.float32)
     return jnp.round(jnp.clip(decoded / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
 

@@ -62,6 +62,19 @@ def test_seed_changes_the_edit_and_is_reproducible(pipes):
     assert np.abs(a.astype(int) - c.astype(int)).max() > 5
 
 
+def test_scale_zero_ignores_the_exemplar(pipes):
+    """Scale 0 conditions on the uncond vector alone: the reference no longer matters; at scale 1 it does."""
+    ours, _ = pipes("sd")
+    img, masks, refs = inputs(1, 32, 32)
+    other = [255 - refs[0]]
+    run = lambda r, s: ours(img, masks, r, steps=3, height=32, width=32, guidance_scale=s)  # noqa: E731
+    np.testing.assert_array_equal(run(refs, 0.0), run(other, 0.0))
+    assert not np.array_equal(run(refs, 1.0), run(other, 1.0))
+    assert not np.array_equal(run(refs, 0.0), run(refs, 1.0))
+    with pytest.raises(ValueError, match="guidance_scale must be ≥ 0"):
+        run(refs, -1.0)
+
+
 def test_images_per_reference_are_consecutive_and_differ(pipes):
     ours, _ = pipes("sd")
     img, masks, refs = inputs(2, 32, 32)
