@@ -150,9 +150,9 @@ def run(jobs: list[Job], out_dir: Path, edit: Callable[[list, list, list, list[i
     return stats
 
 
-def grid(source: np.ndarray, mask: np.ndarray, reference: np.ndarray, result: np.ndarray) -> np.ndarray:
-    """source | mask | reference | result, side by side at the result's height."""
-    h = result.shape[0]
+def grid(source: np.ndarray, mask: np.ndarray, reference: np.ndarray, *results: np.ndarray) -> np.ndarray:
+    """source | mask | reference | result(s), side by side at the (first) result's height."""
+    h = results[0].shape[0]
 
     def fit(a):
         a = a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=-1)
@@ -161,5 +161,14 @@ def grid(source: np.ndarray, mask: np.ndarray, reference: np.ndarray, result: np
 
     m = (np.asarray(mask) * 255).astype(np.uint8)
     gap = np.full((h, 4, 3), 255, np.uint8)
-    parts = [fit(source), gap, fit(m), gap, fit(reference), gap, result]
+    parts = [fit(source), gap, fit(m), gap, fit(reference)]
+    for result in results:
+        parts += [gap, result]
     return np.concatenate(parts, axis=1)
+
+
+def enlarge(image: np.ndarray, min_height: int) -> np.ndarray:
+    """`image` scaled up by the smallest whole factor that makes it at least `min_height` tall, each pixel a
+    block (no smoothing), so that small edits can be looked at; unchanged when already that tall."""
+    factor = -(-min_height // image.shape[0])
+    return np.repeat(np.repeat(image, factor, 0), factor, 1) if factor > 1 else image

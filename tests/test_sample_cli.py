@@ -41,8 +41,31 @@ def test_single_edit_writes_result_and_grid(tiny_folder, tmp_path):
     assert rc == 0
     result = np.asarray(Image.open(tmp_path / "out" / "edit.png"))
     grid = np.asarray(Image.open(tmp_path / "out" / "edit_grid.png"))
-    assert result.shape == (32, 32, 3) and grid.shape[0] == 32 and grid.shape[1] > 4 * 32
-    np.testing.assert_array_equal(grid[:, -32:], result)
+    assert result.shape == (32, 32, 3) and grid.shape[0] == sample.GRID_HEIGHT and grid.shape[1] > 4 * 256
+    factor = sample.GRID_HEIGHT // 32  # enlarged by whole pixels for looking at
+    np.testing.assert_array_equal(grid[::factor, ::factor][:, -32:], result)
+
+
+def test_samples_draw_several_seeds_into_one_grid(tiny_folder, tmp_path):
+    write_inputs(tmp_path, 1)
+    out = tmp_path / "e.png"
+    args = ["--pretrained", str(tiny_folder("sd")), "--image", str(tmp_path / "src_0.png"), "--mask",
+            str(tmp_path / "mask_0.png"), "--reference", str(tmp_path / "ref_0.jpg"), *COMMON]
+    assert sample.main([*args, "--out", str(out), "--samples", "3", "--seed", "5"]) == 0
+    edits = [np.asarray(Image.open(tmp_path / n)) for n in ("e.png", "e_1.png", "e_2.png")]
+    assert not np.array_equal(edits[0], edits[1]) and not np.array_equal(edits[1], edits[2])
+    assert sample.main([*args, "--out", str(tmp_path / "one.png"), "--seed", "6"]) == 0  # = the second of three
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "one.png")), edits[1])
+    grid = np.asarray(Image.open(tmp_path / "e_grid.png"))
+    factor = sample.GRID_HEIGHT // 32
+    np.testing.assert_array_equal(grid[::factor, ::factor][:, -32:], edits[2])
+
+
+def test_no_arguments_means_the_shipped_model_and_example():
+    args = sample.parse_args([])
+    assert Path(args.pretrained) == sample.DEFAULT_MODEL and args.out == str(sample.DEFAULT_OUT)
+    for role, path in (("source", args.image), ("mask", args.mask), ("reference", args.reference)):
+        assert Path(path) == sample.DEFAULT_EXAMPLE / f"{role}.png" and Path(path).is_file()
 
 
 def test_batch_manifest_resume_and_failures(tiny_folder, tmp_path):
@@ -86,6 +109,12 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.parse_args(["--pretrained", "x", "--out", "y", "--image", "a.png"])
     assert "needs --image, --mask and --reference" in capsys.readouterr().err
+    for bad, message in ((["--batch", "m.jsonl"], "--batch needs --out"),
+                         (["--samples", "0"], "--samples must be ≥ 1"),
+                         (["--batch", "m.jsonl", "--out", "o", "--samples", "2"], "for one edit only")):
+        with pytest.raises(SystemExit):
+            sample.parse_args(bad)
+        assert message in capsys.readouterr().err
     assert sample.main(["--pretrained", str(tmp_path / "none"), "--batch", "m.jsonl", "--out", "o"]) == 1
     assert "no such folder" in capsys.readouterr().err
     (tmp_path / "bad.jsonl").write_text('{"source": "a.png"}\n')

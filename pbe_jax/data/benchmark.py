@@ -189,12 +189,13 @@ def read_labels(benchmark_dir) -> dict[str, dict]:
     return rows
 
 
-def write_examples(out_dir, n: int = 1, *, seed: int = EXAMPLES_SEED, image_size: int = 128) -> list[Path]:
+def write_examples(out_dir, n: int = 1, *, seed: int = EXAMPLES_SEED, image_size: int = 128,
+                   start: int = 0) -> list[Path]:
     """Example inputs for `sample.py`: source.png, mask.png, reference.png and label.json, drawn like
-    benchmark items from a seed of their own. One example goes straight into `out_dir`; several go into
-    `out_dir/<id>/`. Returns the folders written."""
+    benchmark items (indices start .. start+n-1) from a seed of their own. One example goes straight into
+    `out_dir`; several go into `out_dir/<id>/`. Returns the folders written."""
     folders = []
-    for i in range(n):
+    for i in range(start, start + n):
         item = make_item(i, seed=seed, image_size=image_size)
         folder = Path(out_dir) if n == 1 else Path(out_dir) / item.id
         folder.mkdir(parents=True, exist_ok=True)
@@ -268,6 +269,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ex.add_argument("--n", type=int, default=1, help="number of examples (default 1)")
     ex.add_argument("--seed", type=int, default=EXAMPLES_SEED, help=f"seed (default {EXAMPLES_SEED})")
     ex.add_argument("--size", type=int, default=128, help="source side in px (default 128)")
+    ex.add_argument("--start", type=int, default=0, help="index of the first example (default 0)")
     return p.parse_args(argv)
 
 
@@ -281,7 +283,7 @@ def main(argv=None) -> int:
             count = BASELINES[args.name](args.benchmark, args.out)
             print(f"{args.out}: {count} {args.name} results")
         else:
-            folders = write_examples(args.out, args.n, seed=args.seed, image_size=args.size)
+            folders = write_examples(args.out, args.n, seed=args.seed, image_size=args.size, start=args.start)
             print(f"{args.out}: {len(folders)} example(s)")
     except (FileNotFoundError, ValueError) as e:  # images.ImageError is a ValueError
         print(f"error: {e}", file=sys.stderr)
