@@ -1,13 +1,17 @@
 """The offline default model: Paint by Example on the synthetic world, trained by this project in three
-stages on a CPU. The frozen networks first (each stage's export feeds the next), then the paper's recipe:
+stages on a CPU. The frozen networks first (each stage's export feeds the next), then the paper's recipe
+(UNet, mapper, LayerNorm, projection and uncond vector trained; the VAE and the vision tower frozen):
 
-    python train.py --config synthetic --workdir runs/syn_vae mode=vae steps=3000 optim.lr=1e-3
-    python train.py --config synthetic --workdir runs/syn_tower mode=tower steps=3000 optim.lr=1e-3 \\
-        data.batch_size=64
-    python train.py --config synthetic --workdir runs/syn \\
+    python train.py --config synthetic --workdir runs/syn_vae mode=vae steps=2500 optim.lr=1e-3 \
+        optim.warmup_steps=0
+    python train.py --config synthetic --workdir runs/syn_tower mode=tower steps=3000 optim.lr=5e-4 \
+        optim.warmup_steps=300 data.batch_size=64
+    python train.py --config synthetic --workdir runs/syn steps=10000 \
         model.vae_folder=runs/syn_vae/export/vae model.image_encoder_folder=runs/syn_tower/export/image_encoder
+    python -m pbe_jax.convert runs/syn/export checkpoints/synthetic --to diffusers --dtype float16
 
 Images are 64² crops of 128² scenes (VAE f = 4: 16² latents); references 32² for a small ViT tower.
+The README's "synthetic world" section has the times these took and what the model scores.
 """
 from pbe_jax.train.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 
