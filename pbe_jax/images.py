@@ -62,13 +62,24 @@ def to_pil(x: Any, what: str) -> Image.Image:
 
 
 def to_rgb(x: Any, what: str = "image") -> np.ndarray:
-    """uint8 (H, W, 3). Grayscale is repeated, alpha dropped, as `Image.convert("RGB")` does."""
+    """uint8 (H, W, 3). Grayscale is repeated, alpha dropped, as `Image.convert("RGB")` does; a uint8 RGB
+    array is returned as it is, uncopied."""
+    if isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 3 and x.shape[-1] == 3:
+        return x
     return np.asarray(to_pil(x, what).convert("RGB"))
 
 
 def to_mask(x: Any, what: str = "mask") -> np.ndarray:
     """float32 (H, W) in [0, 1] from the image's luminance, white = edit (not yet binarised)."""
     return np.asarray(to_pil(x, what).convert("L"), np.float32) / 255.0
+
+
+def mask_box(mask) -> tuple[int, int, int, int] | None:
+    """The bounding box (x0, y0, x1, y1) of the edited (white) pixels; None for an empty mask."""
+    ys, xs = np.nonzero(to_mask(mask) >= 0.5)
+    if not len(xs):
+        return None
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
 def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:

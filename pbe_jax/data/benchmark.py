@@ -209,10 +209,10 @@ def write_examples(out_dir, n: int = 1, *, seed: int = EXAMPLES_SEED, image_size
 def paste_reference(source: np.ndarray, mask: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """The paper's copy-paste edit: the reference resized (bicubic) to the bounding box of the mask's white
     (≥ 0.5) pixels and pasted over it; the source everywhere else."""
-    ys, xs = np.nonzero(mask >= 0.5)
-    if not len(ys):
+    box = images.mask_box(mask)
+    if box is None:
         raise ValueError("copy-paste needs a mask with white pixels; this one is empty")
-    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    x0, y0, x1, y1 = box
     out = source.copy()
     out[y0:y1, x0:x1] = images.resize_rgb(reference, (y1 - y0, x1 - x0))
     return out

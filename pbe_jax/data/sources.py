@@ -21,14 +21,6 @@ class CorruptItem(ValueError):
     or record; the loader skips the item and counts it."""
 
 
-def _rgb(image: np.ndarray, what: str) -> np.ndarray:
-    """uint8 (H, W, 3); grayscale is repeated and alpha dropped (`images.to_rgb`), RGB passes uncopied."""
-    image = np.asarray(image)
-    if image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
-        return image
-    return images.to_rgb(image, what)
-
-
 def yxyx_to_pixels(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     """TFDS boxes, normalised (ymin, xmin, ymax, xmax), to float32 pixel (x0, y0, x1, y1). Degenerate boxes
     stay degenerate: the pair builder skips and counts them."""
@@ -73,7 +65,7 @@ class TfdsSource:
         except KeyError as e:
             raise KeyError(f"{self.name}: examples have no {group}/{key} or image field (fields: "
                            f"{sorted(example)}); is this the dataset the name says?") from e
-        image = _rgb(image, what)
+        image = images.to_rgb(np.asarray(image), what)
         return {"image": image, "boxes": yxyx_to_pixels(raw_boxes, *image.shape[:2]), "id": what}
 
 

@@ -24,7 +24,7 @@ from pbe_jax import batch, images
 from pbe_jax.data import benchmark, synthetic
 from pbe_jax.eval import attributes
 from pbe_jax.eval.metrics import (EmbedFn, clip_score, crop, feature_stats, frechet_distance, in_batches,
-                                  mask_box, psnr, ssim)
+                                  psnr, ssim)
 
 LABELS_FILE = "labels.jsonl"
 
@@ -91,7 +91,7 @@ def _load(job: batch.Job, results_dir: Path, labels: dict) -> Item:
     result = images.to_rgb(path, str(path))
     resized = result.shape != source.shape
     label = labels.get(job.id, {})
-    box = label.get("box") or mask_box(edit)
+    box = label.get("box") or images.mask_box(edit)
     if box is None:
         raise images.ImageError(f"{job.mask}: the mask is empty and {LABELS_FILE} gives no box")
     return Item(job.id, source, edit, images.to_rgb(job.reference, str(job.reference)),
@@ -149,7 +149,8 @@ def evaluate(results_dir: str | Path, benchmark_dir: str | Path, *, embed_fn: Em
         labelled = [i for i, it in enumerate(items) if it.attributes is not None]
         predicted = {}
         if classifier is not None and labelled:
-            predicted = dict(zip(labelled, attributes.predict(classifier, [regions[i] for i in labelled]).tolist()))
+            predicted = dict(zip(labelled, attributes.predict(classifier, [regions[i] for i in labelled],
+                                                                           batch_size=batch_size).tolist()))
         if inception_fn is not None:
             fake.append(in_batches(inception_fn, [it.result for it in items]))
             if fid_stats is None:

@@ -106,14 +106,6 @@ def crop(image: np.ndarray, box) -> np.ndarray:
     return image[y0:y1, x0:x1]
 
 
-def mask_box(mask) -> tuple[int, int, int, int] | None:
-    """The bounding box (x0, y0, x1, y1) of the edited (white) pixels; None for an empty mask."""
-    ys, xs = np.nonzero(images.to_mask(mask) >= 0.5)
-    if not len(xs):
-        return None
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-
-
 def clip_score(embed_fn: EmbedFn, generated_regions: Sequence[np.ndarray], references: Sequence[np.ndarray]) -> dict:
     """Cosine similarity between the embeddings of each generated region and its reference:
     {"mean": float, "per_item": [float, ...]}. (The paper's tables print it × 100.)"""
@@ -133,8 +125,8 @@ def _clip_folder(folder: Path):
     `image_encoder/` folder alone, or a transformers CLIP(Vision)Model folder."""
     from pbe_jax.convert import mapping
     from pbe_jax.convert.diffusers import load_component, read_json
-    from pbe_jax.convert.init import vision_key
-    from pbe_jax.convert.weights import find_weights, load_file
+    from pbe_jax.convert.init import clip_vision_state
+    from pbe_jax.convert.weights import find_weights
     from pbe_jax.models import CLIPVisionConfig, CLIPVisionModel, Policy
 
     if (folder / "image_encoder").is_dir():
@@ -146,11 +138,7 @@ def _clip_folder(folder: Path):
     if (folder / "params.safetensors").is_file() or "PaintByExampleImageEncoder" in config.get("architectures", []):
         return load_component(folder, "image_encoder").model, fe
     path = find_weights(folder)
-    state = {}
-    for key, value in load_file(path).items():
-        name = vision_key(key)  # the image encoder's name, model.vision_model.…; None for the text tower
-        if name is not None and not name.endswith("position_ids"):
-            state[name.removeprefix("model.")] = value
+    state = {name.removeprefix("model."): value for name, value in clip_vision_state(path).items()}
     cfg = CLIPVisionConfig.from_dict(config, str(folder / "config.json"))
     return mapping.from_torch(CLIPVisionModel, cfg, Policy(), state, str(path)), fe
 
