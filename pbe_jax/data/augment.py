@@ -16,9 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.ndimage import map_coordinates
 
-# The same values as pbe_jax.images', repeated so that this module needs only jax and numpy.
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from pbe_jax.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
 
 _MAX_BLUR = 7  # albumentations' Blur(blur_limit=7): a k×k mean filter, k uniform in {3, 5, 7}
 
