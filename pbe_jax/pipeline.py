@@ -87,16 +87,18 @@ class PaintByExample:
         self.processor = processor or images.ReferenceProcessor.from_config(
             models.extra_configs.get("feature_extractor"), models.image_encoder.config.image_size)
         self.vae_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
-        graphdef, state = nnx.split((models.unet, models.vae, models.image_encoder))
         self.mesh = mesh
-        self._state = parallel.replicate(state, mesh) if mesh is not None else state
+        graphdef = self.set_weights(models)
         self._generate = jax.jit(lambda state, *a, **k: _generate(nnx.merge(graphdef, state), *a, **k),
                                  static_argnames=("condition", "sample_posterior", "draw_latents"))
 
-    def set_weights(self, models: PaintByExampleModels) -> None:
-        """Swap in networks of the same architecture (e.g. newer training weights) without recompiling."""
-        _, state = nnx.split((models.unet, models.vae, models.image_encoder))
+    def set_weights(self, models: PaintByExampleModels) -> nnx.GraphDef:
+        """Swap in networks of the same architecture (e.g. newer training weights) without recompiling;
+        returns their graph definition."""
+        graphdef, state = nnx.split((models.unet, models.vae, models.image_encoder))
+        self.models = models
         self._state = parallel.replicate(state, self.mesh) if self.mesh is not None else state
+        return graphdef
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, *, dtype=None, attention: str = "auto",
