@@ -50,9 +50,8 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
 
 
 def shard_batch(tree: Any, mesh: Mesh) -> Any:
-    """Put host arrays on the mesh split along their first (batch) axis (one process)."""
-    spec = BATCH if "fsdp" in mesh.axis_names else P("data")
-    return jax.device_put(tree, NamedSharding(mesh, spec))
+    """Put host arrays on a `data_mesh` split along their first (batch) axis (one process)."""
+    return jax.device_put(tree, NamedSharding(mesh, P("data")))
 
 
 def global_batch(local: Any, mesh: Mesh) -> Any:

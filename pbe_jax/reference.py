@@ -181,7 +181,7 @@ def posterior_mean():
         module.retrieve_latents = original
 
 
-def run_torch_pipeline(pipe, image, mask, reference, latents, steps: int, guidance_scale: float) -> "np.ndarray":
+def run_torch_pipeline(pipe, image, mask, reference, latents, steps: int, guidance_scale: float) -> Any:
     """The reference pipeline on PIL inputs from the given NCHW initial latents → uint8 NHWC, rounded as
     diffusers' `numpy_to_pil` does."""
     import numpy as np

@@ -90,11 +90,7 @@ def from_stable_diffusion(sd_folder: str | Path, clip_folder: str | Path, *, pol
     clip_cfg = CLIPVisionConfig.from_dict({**read_json(clip_cfg_path), "projection_dim": unet.config.cross_attention_dim[0]},
                                           str(clip_cfg_path))
     clip_path = find_weights(clip_folder)
-    tower = {}
-    for key, value in load_file(clip_path).items():
-        name = vision_key(key)
-        if name is not None and not name.endswith("position_ids"):
-            tower[name] = value
+    tower = clip_vision_state(clip_path)
     fresh = random_params(PaintByExampleImageEncoder, clip_cfg, policy, seed, only=BOTTLENECK)
     encoder = mapping.from_torch(PaintByExampleImageEncoder, clip_cfg, policy, tower, str(clip_path), given=fresh)
 
@@ -108,10 +104,21 @@ def from_stable_diffusion(sd_folder: str | Path, clip_folder: str | Path, *, pol
     return PaintByExampleModels(unet, vae, encoder, extras)
 
 
+def clip_vision_state(path: str | Path) -> dict:
+    """The vision tower's weights from a transformers CLIP(Vision)Model weights file, named as the image
+    encoder's (model.vision_model.…); the text tower and the position_ids buffer left out."""
+    state = {}
+    for key, value in load_file(path).items():
+        name = vision_key(key)
+        if name is not None and not name.endswith("position_ids"):
+            state[name] = value
+    return state
+
+
 def from_paint_by_example(folder: str | Path, *, policy: Policy = Policy()) -> PaintByExampleModels:
     """Fine-tuning: every network, the bottleneck and the uncond vector as released."""
     return load(folder, policy=policy)
 
 
-__all__ = ["BOTTLENECK", "WeightsError", "from_paint_by_example", "from_scratch", "from_stable_diffusion",
+__all__ = ["BOTTLENECK", "WeightsError", "clip_vision_state", "from_paint_by_example", "from_scratch", "from_stable_diffusion",
            "random_module", "random_params"]

@@ -35,9 +35,6 @@ class Checkpoints:
                                                           data=a.JsonRestore()))
         return out.state, out.data
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

@@ -97,8 +97,9 @@ def train_vae(cfg: TrainConfig, workdir: Path, log: Log) -> Path:
     d = cfg.data
     batches = scene_batches(d.image_size, d.scene_size or d.image_size, d.batch_size, cfg.seed, d.size)
     vae, _ = fit(vae_loss, vae, batches, cfg.steps, cfg.optim.lr, log, cfg.log_every, cfg.optim.warmup_steps)
-    fresh = scene_batches(d.image_size, d.scene_size or d.image_size, d.batch_size, cfg.seed, d.size)
-    vae.config = dataclasses.replace(vae.config, scaling_factor=latent_scaling_factor(vae, fresh))
+    # Measured on the stream's first batches again (a new iterator, same seed): any scenes of the world do.
+    first = scene_batches(d.image_size, d.scene_size or d.image_size, d.batch_size, cfg.seed, d.size)
+    vae.config = dataclasses.replace(vae.config, scaling_factor=latent_scaling_factor(vae, first))
     out = Path(workdir) / "export" / "vae"
     save_component(vae, out, "vae", format="jax")
     return out

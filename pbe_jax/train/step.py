@@ -20,7 +20,6 @@ class StepConfig:
     cond_drop: float = 0.2
     cond_drop_per_batch: bool = False
     ema_decay: float = 0.0
-    num_train_timesteps: int = 1000
 
 
 def prepare(nets, batch: dict, key: jax.Array, schedule: NoiseSchedule, cfg: StepConfig):
@@ -44,7 +43,7 @@ def prepare(nets, batch: dict, key: jax.Array, schedule: NoiseSchedule, cfg: Ste
     drop = jax.random.bernoulli(k_drop, cfg.cond_drop, (1,) if cfg.cond_drop_per_batch else (b,))
     cond = jnp.where(drop[:, None, None], uncond, cond)
 
-    t = jax.random.randint(k_t, (b,), 0, cfg.num_train_timesteps)
+    t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
     noise = jax.random.normal(k_noise, z.shape, jnp.float32)
     z_t = schedule.add_noise(z, noise, t)
     x = jnp.concatenate([z_t, z_masked, keep_latent], axis=-1)
