@@ -19,10 +19,12 @@ SEED=${SEED:-0}
 python -m pbe_jax.data.benchmark make "$WORK/benchmark" --n "$N" --size 64
 python -m pbe_jax.data.benchmark baseline copy-paste "$WORK/benchmark" "$WORK/copy-paste"
 python -m pbe_jax.data.benchmark baseline unchanged "$WORK/benchmark" "$WORK/unchanged"
-for run in "5 model" "1 model_no_guidance" "0 model_no_exemplar"; do
-  set -- $run
+edit() {  # edit SCALE NAME: the model's results at one guidance scale
   python sample.py --pretrained "$MODEL" --batch "$WORK/benchmark" --out "$WORK/$2" --scale "$1" \
     --steps "$STEPS" --seed "$SEED" --batch-size 25
-done
+}
+edit 5 model
+edit 1 model_no_guidance
+edit 0 model_no_exemplar
 python -m pbe_jax.eval "$WORK/model" "$WORK/model_no_guidance" "$WORK/model_no_exemplar" "$WORK/copy-paste" \
   "$WORK/unchanged" --benchmark "$WORK/benchmark" --model "$MODEL"
