@@ -135,6 +135,45 @@ def test_condition_dropout():
         assert same.all() == (p == 1.0) and (not same.any()) == (p == 0.0)
 
 
+def test_ablation_switches_turn_the_augmentations_off():
+    """bezier_mask_p=0: the mask is the extended box; reference_augment=False: the condition is the plain
+    resized reference's. Both then stop depending on the step's key; with them on, they do depend on it."""
+    from pbe_jax.data.augment import augment_references
+    from pbe_jax.diffusion import NoiseSchedule
+    from pbe_jax.train.loop import build_models, make_loader
+    from pbe_jax.train.state import Nets
+    from pbe_jax.train.step import StepConfig, prepare
+
+    cfg = micro_config()
+    nets = Nets(build_models(cfg))
+    batch = jax.tree.map(jnp.asarray, next(make_loader(cfg, seed=0)))
+
+    def keep_and_cond(step_cfg, seed):
+        x, _, cond, _ = prepare(nets, batch, jax.random.key(seed), NoiseSchedule(), step_cfg)
+        return np.asarray(x[..., -1]), np.asarray(cond)
+
+    off = StepConfig(cond_drop=0.0, bezier_mask_p=0.0, reference_augment=False)
+    keep, cond = keep_and_cond(off, 0)
+    keep_other, cond_other = keep_and_cond(off, 1)
+    np.testing.assert_array_equal(keep, keep_other)
+    np.testing.assert_array_equal(cond, cond_other)
+    s = batch["image"].shape[1]
+    f = s // keep.shape[1]
+    centres = np.arange(s) + 0.5
+    for b, (x0, y0, x1, y1) in enumerate(np.asarray(batch["box_ext"])):
+        inside = (centres[None, :] >= x0) & (centres[None, :] < x1) & (centres[:, None] >= y0) & (centres[:, None] < y1)
+        np.testing.assert_array_equal(keep[b], 1.0 - inside[::f, ::f])
+    plain = augment_references(jax.random.key(0), batch["reference"], size=nets.image_encoder.config.image_size,
+                               p_flip=0, p_rotate=0, p_blur=0, p_elastic=0)
+    np.testing.assert_allclose(cond, np.asarray(nets.image_encoder.bottleneck(nets.image_encoder.model(plain)[1])),
+                               atol=1e-5)
+
+    on = StepConfig(cond_drop=0.0, bezier_mask_p=1.0, reference_augment=True)
+    keep, cond = keep_and_cond(on, 0)
+    keep_other, cond_other = keep_and_cond(on, 1)
+    assert not np.array_equal(keep, keep_other) and not np.allclose(cond, cond_other, atol=1e-5)
+
+
 SHARDED = """
 import jax, jax.numpy as jnp, numpy as np, sys
 sys.path.insert(0, {root!r})

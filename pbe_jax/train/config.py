@@ -69,6 +69,10 @@ class TrainConfig:
     seed: int = 0
     cond_drop: float = 0.2  # probability that the condition is replaced by the uncond vector
     cond_drop_per_batch: bool = False  # the original code draws it once per batch
+    # The paper's augmentations, switchable for its ablations: the probability of an arbitrary-shape (Bezier)
+    # mask instead of the extended box (0: box masks only), and the reference's augmentation (False: resize).
+    bezier_mask_p: float = 0.5
+    reference_augment: bool = True
     ema_decay: float = 0.0  # 0 disables EMA
     mesh_data: int = -1
     mesh_fsdp: int = 1

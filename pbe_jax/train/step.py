@@ -20,6 +20,8 @@ class StepConfig:
     cond_drop: float = 0.2
     cond_drop_per_batch: bool = False
     ema_decay: float = 0.0
+    bezier_mask_p: float = 0.5
+    reference_augment: bool = True
 
 
 def prepare(nets, batch: dict, key: jax.Array, schedule: NoiseSchedule, cfg: StepConfig):
@@ -27,10 +29,12 @@ def prepare(nets, batch: dict, key: jax.Array, schedule: NoiseSchedule, cfg: Ste
     k_mask, k_ref, k_drop, k_t, k_noise, k_z, k_zm = jax.random.split(key, 7)
     image = batch["image"].astype(jnp.float32) / 127.5 - 1.0
     b, s = image.shape[0], image.shape[1]
-    edit = augment.shape_masks(k_mask, batch["box"], batch["box_ext"], size=s)
+    edit = augment.shape_masks(k_mask, batch["box"], batch["box_ext"], size=s, p_bezier=cfg.bezier_mask_p)
     keep = (1.0 - edit)[..., None]  # the model's convention: 1 = keep
     vae, encoder = nets.vae, nets.image_encoder
-    reference = augment.augment_references(k_ref, batch["reference"], size=encoder.config.image_size)
+    no_augmentation = dict(p_flip=0, p_rotate=0, p_blur=0, p_elastic=0)
+    reference = augment.augment_references(k_ref, batch["reference"], size=encoder.config.image_size,
+                                           **({} if cfg.reference_augment else no_augmentation))
     z = vae.scale(vae.encode(image).sample(k_z)).astype(jnp.float32)
     z_masked = vae.scale(vae.encode(image * keep).sample(k_zm)).astype(jnp.float32)
     z, z_masked = jax.lax.stop_gradient(z), jax.lax.stop_gradient(z_masked)
