@@ -229,10 +229,16 @@ for _ in range(3):
     t.state, m = t.step_fn(t.state, parallel.global_batch(next(it), t.mesh))
     losses.append(float(m["loss"]))
 print("LOSSES", losses)
+# The whole loop, parameters sharded over both processes: checkpoints, a sample grid and the export (written
+# by process 0 from weights every process gathers) must neither hang nor fail.
+from pbe_jax.train.loop import train
+train(micro_config("steps=2", "ckpt_every=2", "sample_every=2", "sample_steps=2", "mesh_data=1", "mesh_fsdp=2"),
+      sys.argv[2], progress=False)
+print("TRAINED")
 """
 
 
-def test_two_process_distributed_training():
+def test_two_process_distributed_training(tmp_path):
     import socket
 
     with socket.socket() as s:
@@ -240,13 +246,17 @@ def test_two_process_distributed_training():
         port = s.getsockname()[1]
     code = DISTRIBUTED.format(root=str(ROOT), port=port)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i), str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env, cwd=ROOT) for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    losses = [json.loads(out.split("LOSSES")[-1].strip()) for out, _ in outs]
+    losses = [json.loads(out.split("LOSSES")[-1].split("\n")[0]) for out, _ in outs]
     assert losses[0] == losses[1] and all(np.isfinite(losses[0]))
+    assert all("TRAINED" in out for out, _ in outs)
+    assert (tmp_path / "run" / "samples" / "step_0000002.png").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+    final_params(tmp_path / "run")  # the export opens
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
@@ -262,6 +272,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert marker.exists(), proc.stderr.read().decode()[-3000:]
+    again = run_train(tmp_path / "killed", *steps)  # without --resume: refused, nothing touched
+    assert again.returncode != 0 and "already has checkpoints; pass --resume" in again.stderr, again.stderr[-3000:]
     resumed = run_train(tmp_path / "killed", *steps, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step" in resumed.stdout + resumed.stderr

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from pbe_jax import convert, parallel
 from pbe_jax.convert import init as initialise
@@ -101,8 +102,14 @@ class Trainer:
     sampler: Any = None  # the PaintByExample that draws sample grids
 
     def models(self, use_ema: bool = True) -> convert.PaintByExampleModels:
+        """The trained models. With a mesh over several processes the weights are first gathered onto each
+        process's own device, so that one process can sample or export alone; that gather is a collective,
+        so every process must call this."""
         params = self.state.ema if (use_ema and self.state.ema is not None) else self.state.params
-        nets = nnx.merge(self.graphdef, params, self.state.frozen)
+        frozen = self.state.frozen
+        if jax.process_count() > 1:
+            params, frozen = jax.tree.map(jnp.asarray, multihost_utils.process_allgather((params, frozen), tiled=True))
+        nets = nnx.merge(self.graphdef, params, frozen)
         return convert.PaintByExampleModels(nets.unet, nets.vae, nets.image_encoder, dict(self.extra_configs))
 
 
@@ -126,15 +133,15 @@ def build_trainer(cfg: TrainConfig, models: convert.PaintByExampleModels | None 
     return Trainer(cfg, graphdef, state, mesh, step_fn, shardings, dict(models.extra_configs))
 
 
-def _sample_grid(trainer: Trainer, batch: dict, steps: int) -> np.ndarray:
+def _sample_grid(trainer: Trainer, models: convert.PaintByExampleModels, batch: dict, steps: int) -> np.ndarray:
     """Rows of source | mask (the extended box) | reference | edit, for a fixed held-out batch."""
     from pbe_jax.batch import grid
     from pbe_jax.pipeline import PaintByExample
 
     if trainer.sampler is None:  # built once: later grids reuse its compiled generation
-        trainer.sampler = PaintByExample(trainer.models())
+        trainer.sampler = PaintByExample(models)
     else:
-        trainer.sampler.set_weights(trainer.models())
+        trainer.sampler.set_weights(models)
     pipe = trainer.sampler
     s = batch["image"].shape[1]
     masks = []
@@ -179,18 +186,23 @@ def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, progre
         return _pretrain(cfg, workdir)
     trainer = build_trainer(cfg)
     ckpt = Checkpoints(workdir / "checkpoints", keep=cfg.keep_checkpoints)
+    latest = ckpt.latest_step()
+    if latest is not None and not resume:
+        ckpt.close()
+        raise FileExistsError(f"{workdir / 'checkpoints'} already has checkpoints; pass --resume to continue "
+                              f"or choose another workdir")
     loader = make_loader(cfg, seed=cfg.seed)
     start = 0
-    if resume and ckpt.latest_step() is not None:
-        start = ckpt.latest_step()
+    if latest is not None:
+        start = latest
         trainer.state, data_state = ckpt.restore(start, abstract(trainer.state, trainer.shardings))
         loader.set_state(data_state)
         if lead:
             print(f"resumed from step {start}")
-    elif ckpt.latest_step() is not None:
-        raise FileExistsError(f"{workdir / 'checkpoints'} already has checkpoints; pass --resume to continue "
-                              f"or choose another workdir")
-    sample_batch = next(iter(make_loader(cfg, seed=cfg.seed + 1))) if cfg.sample_every and lead else None
+    sample_batch = None
+    if cfg.sample_every and lead:
+        with make_loader(cfg, seed=cfg.seed + 1) as held_out:
+            sample_batch = next(held_out)
     writer = MetricsWriter(workdir, enabled=lead)
     bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not (progress and lead))
     last_good, pending, metrics, t0, n0 = start, None, {}, time.perf_counter(), start
@@ -224,17 +236,22 @@ def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, progre
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
                 ckpt.save(done, trainer.state, loader.get_state(), to_dict(cfg))
                 last_good = done
-            if sample_batch is not None and done % cfg.sample_every == 0:
+            if cfg.sample_every and done % cfg.sample_every == 0:
                 from pbe_jax.batch import save_png
 
-                (workdir / "samples").mkdir(exist_ok=True)
-                save_png(_sample_grid(trainer, sample_batch, cfg.sample_steps),
-                         workdir / "samples" / f"step_{done:07d}.png")
+                models = trainer.models()  # on every process (a collective); process 0 draws
+                if lead:
+                    (workdir / "samples").mkdir(exist_ok=True)
+                    save_png(_sample_grid(trainer, models, sample_batch, cfg.sample_steps),
+                             workdir / "samples" / f"step_{done:07d}.png")
             bar.update(1)
     finally:
         bar.close()
+        loader.close()
         ckpt.close()
         writer.close()
-    if cfg.export and lead:
-        convert.save(trainer.models(), workdir / "export", format="diffusers")
+    if cfg.export:
+        models = trainer.models()  # on every process (a collective); process 0 writes
+        if lead:
+            convert.save(models, workdir / "export", format="diffusers")
     return metrics
