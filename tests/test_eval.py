@@ -261,6 +261,31 @@ def test_evaluate_clip_and_fid_without_labels(tmp_path):
     assert same == pytest.approx(0, abs=1e-6)
 
 
+def test_a_shared_cache_embeds_the_benchmark_once(tmp_path):
+    bench = _benchmark(tmp_path, 4)
+    seen = {"embed": 0, "inception": 0}
+
+    def counting(name):
+        def fn(batch):
+            seen[name] += len(batch)
+            return np.stack([np.asarray(im, float).mean((0, 1)) + 1 for im in batch])
+        return fn
+
+    embed, inception = counting("embed"), counting("inception")
+    folders = [tmp_path / "paste", tmp_path / "unchanged"]
+    alone = [evaluate(f, bench, embed_fn=embed, inception_fn=inception, batch_size=3)["metrics"] for f in folders]
+    images = {"embed": seen["embed"], "inception": seen["inception"]}
+    seen.update(embed=0, inception=0)
+    cache = {}
+    shared = [evaluate(f, bench, embed_fn=embed, inception_fn=inception, batch_size=3, cache=cache)["metrics"]
+              for f in folders]
+    assert shared == alone
+    results = sum(evaluate(f, bench)["evaluated"] for f in folders)
+    # Per folder: its regions (embed) and results (inception); the references and sources once in all.
+    assert images == {"embed": 2 * results, "inception": 2 * results}
+    assert seen == {"embed": results + 4, "inception": results + 4}
+
+
 def test_cli_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

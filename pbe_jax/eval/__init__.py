@@ -23,8 +23,7 @@ import numpy as np
 from pbe_jax import batch, images
 from pbe_jax.data import benchmark, synthetic
 from pbe_jax.eval import attributes
-from pbe_jax.eval.metrics import (EmbedFn, clip_score, crop, feature_stats, frechet_distance, in_batches,
-                                  psnr, ssim)
+from pbe_jax.eval.metrics import EmbedFn, cosine, crop, feature_stats, frechet_distance, in_batches, psnr, ssim
 
 LABELS_FILE = "labels.jsonl"
 
@@ -111,12 +110,25 @@ def _mean(values: list) -> dict | None:
     return {"mean": float(np.mean(values)), "n": len(values)} if values else None
 
 
+def _embedded(cache: dict, fn: EmbedFn, benchmark_dir: Path, what: str, items: list[Item]) -> np.ndarray:
+    """fn over the benchmark images `what` ("reference" or "source") of `items`, each computed once per
+    (benchmark, fn, what) in `cache`."""
+    store = cache.setdefault((str(benchmark_dir.resolve()), fn, what), {})
+    todo = [it for it in items if it.id not in store]
+    if todo:
+        store.update(zip([it.id for it in todo], in_batches(fn, [getattr(it, what) for it in todo])))
+    return np.stack([store[it.id] for it in items])
+
+
 def evaluate(results_dir: str | Path, benchmark_dir: str | Path, *, embed_fn: EmbedFn | None = None,
              classifier: attributes.AttributeClassifier | None = None, inception_fn: EmbedFn | None = None,
-             fid_stats: tuple[np.ndarray, np.ndarray] | None = None, batch_size: int = 32) -> dict:
+             fid_stats: tuple[np.ndarray, np.ndarray] | None = None, batch_size: int = 32,
+             cache: dict | None = None) -> dict:
     """Score `results_dir` against `benchmark_dir`. Optional parts: `embed_fn` (e.g.
     `metrics.clip_embedder(folder)`) for the CLIP-style score, `classifier` for the attribute score (items
     with labels), `inception_fn` for FID against `fid_stats` (mu, sigma), or else against the sources.
+    `cache`: one dict passed to every call that scores a results folder of the same benchmark, so that its
+    references are embedded and its sources' Inception features computed once, not once per folder.
 
     Returns {"results", "benchmark", "items", "evaluated", "missing": [ids], "failed": [{"id", "error"}],
     "resized": count of results not at the source's size (resized to it, bicubic), "metrics": {"clip",
@@ -124,6 +136,7 @@ def evaluate(results_dir: str | Path, benchmark_dir: str | Path, *, embed_fn: Em
     "n"}}, "skipped": {metric: why}, "per_item": [{"id", "box", "clip", "psnr", "ssim", "predicted",
     "label"}]}. A metric that could not be computed is None in "metrics" and explained in "skipped"."""
     results_dir, benchmark_dir = Path(results_dir), Path(benchmark_dir)
+    cache = {} if cache is None else cache
     if not results_dir.is_dir():
         raise FileNotFoundError(f"{results_dir}: no such results folder")
     jobs = batch.read_layout(benchmark_dir)
@@ -145,7 +158,9 @@ def evaluate(results_dir: str | Path, benchmark_dir: str | Path, *, embed_fn: Em
         if not items:
             continue
         regions = [crop(it.result, it.box) for it in items]
-        clip = clip_score(embed_fn, regions, [it.reference for it in items])["per_item"] if embed_fn else None
+        clip = None
+        if embed_fn is not None:
+            clip = cosine(in_batches(embed_fn, regions), _embedded(cache, embed_fn, benchmark_dir, "reference", items))
         labelled = [i for i, it in enumerate(items) if it.attributes is not None]
         predicted = {}
         if classifier is not None and labelled:
@@ -154,10 +169,10 @@ def evaluate(results_dir: str | Path, benchmark_dir: str | Path, *, embed_fn: Em
         if inception_fn is not None:
             fake.append(in_batches(inception_fn, [it.result for it in items]))
             if fid_stats is None:
-                real.append(in_batches(inception_fn, [it.source for it in items]))
+                real.append(_embedded(cache, inception_fn, benchmark_dir, "source", items))
         for i, it in enumerate(items):
             resized += it.resized
-            rows.append({"id": it.id, "box": it.box, "clip": clip[i] if clip else None,
+            rows.append({"id": it.id, "box": it.box, "clip": None if clip is None else float(clip[i]),
                          "psnr": _preservation(psnr, it), "ssim": _preservation(ssim, it),
                          "predicted": predicted.get(i), "label": it.attributes})
 

@@ -148,8 +148,10 @@ def main(argv=None) -> int:
         fid_stats = metrics.load_stats(args.fid_stats) if args.fid_stats else None
         has_labels = (Path(args.benchmark) / LABELS_FILE).is_file()
         classifier = get_classifier(args) if has_labels and not args.no_attributes else None
+        cache = {}  # the benchmark's reference embeddings and source features, shared by all folders
         reports = {folder: evaluate(folder, args.benchmark, embed_fn=embed_fn, classifier=classifier,
-                                    inception_fn=inception_fn, fid_stats=fid_stats, batch_size=args.batch_size)
+                                    inception_fn=inception_fn, fid_stats=fid_stats, batch_size=args.batch_size,
+                                    cache=cache)
                    for folder in args.results}
     except (FileNotFoundError, ValueError) as e:  # WeightsError, ConfigError and ImageError are ValueErrors
         print(f"error: {e}", file=sys.stderr)

@@ -113,11 +113,16 @@ def clip_score(embed_fn: EmbedFn, generated_regions: Sequence[np.ndarray], refer
         raise ValueError(f"{len(generated_regions)} generated regions but {len(references)} references")
     if not len(references):
         raise ValueError("clip_score needs at least one pair")
-    e = np.asarray(embed_fn(list(generated_regions) + list(references)), np.float64)
-    e = e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
-    n = len(references)
-    per_item = np.sum(e[:n] * e[n:], axis=-1)
+    e = np.asarray(embed_fn(list(generated_regions) + list(references)))
+    per_item = cosine(e[:len(references)], e[len(references):])
     return {"mean": float(per_item.mean()), "per_item": [float(v) for v in per_item]}
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two (N, D) embedding arrays, in float64."""
+    a, b = (np.asarray(x, np.float64) for x in (a, b))
+    a, b = (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12) for x in (a, b))
+    return np.sum(a * b, axis=-1)
 
 
 def _clip_folder(folder: Path):
