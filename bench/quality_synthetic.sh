@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The paper's Table 1 on the synthetic world: a model against its baselines on the held-out benchmark split.
 #
-#   bash bench/quality_synthetic.sh [MODEL] [WORK]     (defaults: checkpoints/synthetic, runs/quality)
+#   bash bench/quality_synthetic.sh [MODEL] [WORK] [NAME=MODEL2 ...]   (defaults: checkpoints/synthetic, runs/quality)
 #   N=50 STEPS=25 bash bench/quality_synthetic.sh      (a quicker, noisier table)
+#
+# NAME=MODEL2 adds a row: another model (e.g. an ablation's runs/<run>/export) at guidance scale 5.
 #
 # Writes WORK/benchmark (N items, 64² sources, the model's size), one results folder per row, and prints a
 # Markdown table: the model at guidance scale 5, the model at scale 1 (no guidance), the model with the
@@ -12,6 +14,13 @@
 set -euo pipefail
 MODEL=${1:-checkpoints/synthetic}
 WORK=${2:-runs/quality}
+shift $(( $# < 2 ? $# : 2 ))
+for row in "$@"; do  # checked before minutes of sampling, not after
+  if [[ "$row" != *=* || "$row" == =* ]]; then
+    echo "error: extra rows are NAME=MODEL_FOLDER, got '$row'" >&2
+    exit 2
+  fi
+done
 N=${N:-200}
 STEPS=${STEPS:-50}
 SEED=${SEED:-0}
@@ -19,12 +28,18 @@ SEED=${SEED:-0}
 python -m pbe_jax.data.benchmark make "$WORK/benchmark" --n "$N" --size 64
 python -m pbe_jax.data.benchmark baseline copy-paste "$WORK/benchmark" "$WORK/copy-paste"
 python -m pbe_jax.data.benchmark baseline unchanged "$WORK/benchmark" "$WORK/unchanged"
-edit() {  # edit SCALE NAME: the model's results at one guidance scale
-  python sample.py --pretrained "$MODEL" --batch "$WORK/benchmark" --out "$WORK/$2" --scale "$1" \
+edit() {  # edit SCALE NAME [MODEL]: a model's results at one guidance scale
+  python sample.py --pretrained "${3:-$MODEL}" --batch "$WORK/benchmark" --out "$WORK/$2" --scale "$1" \
     --steps "$STEPS" --seed "$SEED" --batch-size 25
 }
 edit 5 model
 edit 1 model_no_guidance
 edit 0 model_no_exemplar
-python -m pbe_jax.eval "$WORK/model" "$WORK/model_no_guidance" "$WORK/model_no_exemplar" "$WORK/copy-paste" \
-  "$WORK/unchanged" --benchmark "$WORK/benchmark" --model "$MODEL"
+extra=()
+for row in "$@"; do
+  name=${row%%=*}
+  edit 5 "$name" "${row#*=}"
+  extra+=("$WORK/$name")
+done
+python -m pbe_jax.eval "$WORK/model" "$WORK/model_no_guidance" "$WORK/model_no_exemplar" "${extra[@]}" \
+  "$WORK/copy-paste" "$WORK/unchanged" --benchmark "$WORK/benchmark" --model "$MODEL"

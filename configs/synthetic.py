@@ -10,6 +10,11 @@ stages on a CPU. The frozen networks first (each stage's export feeds the next),
         model.vae_folder=runs/syn_vae/export/vae model.image_encoder_folder=runs/syn_tower/export/image_encoder
     python -m pbe_jax.convert runs/syn/export checkpoints/synthetic --to diffusers --dtype float16
 
+The paper's ablations are the third command with `bezier_mask_p=0.0` (box masks only) or
+`reference_augment=False` (references only resized), each in a workdir of its own; `bash
+bench/quality_synthetic.sh checkpoints/synthetic runs/quality no_mask_aug=runs/syn_no_mask_aug/export
+no_ref_aug=runs/syn_no_ref_aug/export` puts them in the quality table.
+
 Images are 64² crops of 128² scenes (VAE f = 4: 16² latents); references 32² for a small ViT tower.
 The README's "synthetic world" section has the times these took and what the model scores.
 """
