@@ -11,9 +11,10 @@ stages on a CPU. The frozen networks first (each stage's export feeds the next),
     python -m pbe_jax.convert runs/syn/export checkpoints/synthetic --to diffusers --dtype float16
 
 The paper's ablations are the third command with `bezier_mask_p=0.0` (box masks only) or
-`reference_augment=False` (references only resized), each in a workdir of its own; `bash
-bench/quality_synthetic.sh checkpoints/synthetic runs/quality no_mask_aug=runs/syn_no_mask_aug/export
-no_ref_aug=runs/syn_no_ref_aug/export` puts them in the quality table.
+`reference_augment=False` (references only resized), in workdirs runs/syn_no_mask_aug and runs/syn_no_ref_aug,
+each exported to float16 as above (to runs/syn_no_mask_aug/fp16, runs/syn_no_ref_aug/fp16); `bash
+bench/quality_synthetic.sh checkpoints/synthetic runs/quality no_mask_aug=runs/syn_no_mask_aug/fp16
+no_ref_aug=runs/syn_no_ref_aug/fp16` puts them in the quality table.
 
 Images are 64² crops of 128² scenes (VAE f = 4: 16² latents); references 32² for a small ViT tower.
 The README's "synthetic world" section has the times these took and what the model scores.

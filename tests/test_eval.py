@@ -121,15 +121,14 @@ def test_fid_and_stats_files(tmp_path):
         metrics.load_stats(tmp_path / "bad.npz")
 
 
-def test_clip_score_with_toy_embedding():
+def test_cosine_is_the_clip_style_score():
     embed = lambda batch: np.stack([np.asarray(im, float).mean((0, 1)) for im in batch])  # noqa: E731
     red, green = np.zeros((8, 8, 3), np.uint8), np.zeros((5, 9, 3), np.uint8)
     red[..., 0], green[..., 1] = 200, 200
-    s = metrics.clip_score(embed, [red, green, red], [red, green, green])
-    assert s["per_item"] == pytest.approx([1.0, 1.0, 0.0], abs=1e-12)
-    assert s["mean"] == pytest.approx(2 / 3)
-    with pytest.raises(ValueError, match="2 generated regions but 1"):
-        metrics.clip_score(embed, [red, red], [red])
+    dim_red = (red // 4).astype(np.uint8)
+    s = metrics.cosine(embed([red, green, red, dim_red]), embed([red, green, green, red]))
+    assert s.dtype == np.float64 and s == pytest.approx([1.0, 1.0, 0.0, 1.0], abs=1e-12)
+    assert metrics.cosine(np.zeros((1, 3)), np.ones((1, 3))) == pytest.approx([0.0])  # no division by zero
 
 
 def _tiny_encoder():

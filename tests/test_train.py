@@ -138,7 +138,7 @@ def test_condition_dropout():
 def test_ablation_switches_turn_the_augmentations_off():
     """bezier_mask_p=0: the mask is the extended box; reference_augment=False: the condition is the plain
     resized reference's. Both then stop depending on the step's key; with them on, they do depend on it."""
-    from pbe_jax.data.augment import augment_references
+    from pbe_jax.data.augment import NO_AUGMENTATION, augment_references
     from pbe_jax.diffusion import NoiseSchedule
     from pbe_jax.train.loop import build_models, make_loader
     from pbe_jax.train.state import Nets
@@ -152,7 +152,7 @@ def test_ablation_switches_turn_the_augmentations_off():
         x, _, cond, _ = prepare(nets, batch, jax.random.key(seed), NoiseSchedule(), step_cfg)
         return np.asarray(x[..., -1]), np.asarray(cond)
 
-    off = StepConfig(cond_drop=0.0, bezier_mask_p=0.0, reference_augment=False)
+    off = StepConfig.from_train_config(micro_config("cond_drop=0.0", "bezier_mask_p=0.0", "reference_augment=False"))
     keep, cond = keep_and_cond(off, 0)
     keep_other, cond_other = keep_and_cond(off, 1)
     np.testing.assert_array_equal(keep, keep_other)
@@ -164,7 +164,7 @@ def test_ablation_switches_turn_the_augmentations_off():
         inside = (centres[None, :] >= x0) & (centres[None, :] < x1) & (centres[:, None] >= y0) & (centres[:, None] < y1)
         np.testing.assert_array_equal(keep[b], 1.0 - inside[::f, ::f])
     plain = augment_references(jax.random.key(0), batch["reference"], size=nets.image_encoder.config.image_size,
-                               p_flip=0, p_rotate=0, p_blur=0, p_elastic=0)
+                               **NO_AUGMENTATION)
     np.testing.assert_allclose(cond, np.asarray(nets.image_encoder.bottleneck(nets.image_encoder.model(plain)[1])),
                                atol=1e-5)
 
@@ -246,8 +246,8 @@ def test_two_process_distributed_training(tmp_path):
         port = s.getsockname()[1]
     code = DISTRIBUTED.format(root=str(ROOT), port=port)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(i), str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env, cwd=ROOT) for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i), str(tmp_path / "run")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT) for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]

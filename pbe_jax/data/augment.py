@@ -67,6 +67,10 @@ def augment_reference(key: jax.Array, reference: jax.Array, *, size: int = 224, 
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
+# augment_reference's probabilities for no augmentation: the plain resize and normalisation.
+NO_AUGMENTATION = {"p_flip": 0, "p_rotate": 0, "p_blur": 0, "p_elastic": 0}
+
+
 def augment_references(key: jax.Array, references: jax.Array, **kwargs) -> jax.Array:
     """`augment_reference` over a batch (B, H, W, 3), one key split per image; keyword arguments as there."""
     keys = jax.random.split(key, references.shape[0])

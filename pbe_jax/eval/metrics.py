@@ -106,20 +106,9 @@ def crop(image: np.ndarray, box) -> np.ndarray:
     return image[y0:y1, x0:x1]
 
 
-def clip_score(embed_fn: EmbedFn, generated_regions: Sequence[np.ndarray], references: Sequence[np.ndarray]) -> dict:
-    """Cosine similarity between the embeddings of each generated region and its reference:
-    {"mean": float, "per_item": [float, ...]}. (The paper's tables print it × 100.)"""
-    if len(generated_regions) != len(references):
-        raise ValueError(f"{len(generated_regions)} generated regions but {len(references)} references")
-    if not len(references):
-        raise ValueError("clip_score needs at least one pair")
-    e = np.asarray(embed_fn(list(generated_regions) + list(references)))
-    per_item = cosine(e[:len(references)], e[len(references):])
-    return {"mean": float(per_item.mean()), "per_item": [float(v) for v in per_item]}
-
-
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity of two (N, D) embedding arrays, in float64."""
+    """Row-wise cosine similarity of two (N, D) embedding arrays, in float64: with a region's and its
+    reference's CLIP embeddings, the CLIP-style score (the paper's tables print it × 100)."""
     a, b = (np.asarray(x, np.float64) for x in (a, b))
     a, b = (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12) for x in (a, b))
     return np.sum(a * b, axis=-1)

@@ -124,8 +124,7 @@ def build_trainer(cfg: TrainConfig, models: convert.PaintByExampleModels | None 
     shardings = parallel.tree_shardings(state, mesh)
     state = jax.device_put(state, shardings)
     schedule = NoiseSchedule.from_config(models.extra_configs.get("scheduler"))
-    step_cfg = StepConfig(cfg.cond_drop, cfg.cond_drop_per_batch, cfg.ema_decay, cfg.bezier_mask_p,
-                          cfg.reference_augment)
+    step_cfg = StepConfig.from_train_config(cfg)
     batch_sharding = jax.sharding.NamedSharding(mesh, parallel.BATCH)
     step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
                                         cfg=step_cfg),

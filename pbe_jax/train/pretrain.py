@@ -111,8 +111,8 @@ def sincos_positions(grid: int, dim: int) -> np.ndarray:
     quarter = dim // 4
     freqs = 1.0 / 10000 ** (np.arange(quarter) / quarter)
     rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
-    code = lambda pos: np.concatenate([np.sin(pos.reshape(-1, 1) * freqs), np.cos(pos.reshape(-1, 1) * freqs)], 1)  # noqa: E731
-    table = np.concatenate([code(rows), code(cols)], 1)
+    angles = [pos.reshape(-1, 1) * freqs for pos in (rows, cols)]
+    table = np.concatenate([f(a) for a in angles for f in (np.sin, np.cos)], 1)
     table = np.pad(table, ((0, 0), (0, dim - table.shape[1])))
     return np.concatenate([np.zeros((1, dim)), table]).astype(np.float32)
 
@@ -169,7 +169,8 @@ def tower_loss(model: TowerClassifier, batch, key):
     logits = model(x)
     losses = [optax.softmax_cross_entropy_with_integer_labels(l, labels[:, i]).mean() for i, l in enumerate(logits)]
     accuracy = [jnp.mean(jnp.argmax(l, -1) == labels[:, i]) for i, l in enumerate(logits)]
-    return SHAPE_WEIGHT * losses[0] + losses[1] + losses[2], {"acc_shape": accuracy[0], "acc_colour": accuracy[1], "acc_pattern": accuracy[2]}
+    metrics = {"acc_shape": accuracy[0], "acc_colour": accuracy[1], "acc_pattern": accuracy[2]}
+    return SHAPE_WEIGHT * losses[0] + losses[1] + losses[2], metrics
 
 
 def train_tower(cfg: TrainConfig, workdir: Path, log: Log) -> Path:

@@ -17,11 +17,17 @@ from pbe_jax.train.state import TrainState
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
+    """What the step reads of TrainConfig, under the same names (`from_train_config`)."""
+
     cond_drop: float = 0.2
     cond_drop_per_batch: bool = False
     ema_decay: float = 0.0
     bezier_mask_p: float = 0.5
     reference_augment: bool = True
+
+    @classmethod
+    def from_train_config(cls, cfg) -> "StepConfig":
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
 def prepare(nets, batch: dict, key: jax.Array, schedule: NoiseSchedule, cfg: StepConfig):
@@ -32,9 +38,8 @@ def prepare(nets, batch: dict, key: jax.Array, schedule: NoiseSchedule, cfg: Ste
     edit = augment.shape_masks(k_mask, batch["box"], batch["box_ext"], size=s, p_bezier=cfg.bezier_mask_p)
     keep = (1.0 - edit)[..., None]  # the model's convention: 1 = keep
     vae, encoder = nets.vae, nets.image_encoder
-    no_augmentation = dict(p_flip=0, p_rotate=0, p_blur=0, p_elastic=0)
     reference = augment.augment_references(k_ref, batch["reference"], size=encoder.config.image_size,
-                                           **({} if cfg.reference_augment else no_augmentation))
+                                           **({} if cfg.reference_augment else augment.NO_AUGMENTATION))
     z = vae.scale(vae.encode(image).sample(k_z)).astype(jnp.float32)
     z_masked = vae.scale(vae.encode(image * keep).sample(k_zm)).astype(jnp.float32)
     z, z_masked = jax.lax.stop_gradient(z), jax.lax.stop_gradient(z_masked)
