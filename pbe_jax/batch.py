@@ -89,11 +89,18 @@ def output_path(out_dir: Path, job: Job) -> Path:
     return Path(out_dir) / f"{job.id}.png"
 
 
-def save_png(image: np.ndarray, path: Path) -> None:
-    """Atomic: a crash leaves no half-written file that a resumed run would take as finished."""
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)`, then `tmp` renamed to `path`: a crash leaves the old file or the new one, never a
+    half-written file that a resumed run would take as finished."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
+    write(tmp)
     os.replace(tmp, path)
+
+
+def save_png(image: np.ndarray, path: Path) -> None:
+    """Atomic (`write_atomically`)."""
+    write_atomically(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
 
 def check_inputs(job: Job) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

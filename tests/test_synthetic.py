@@ -2,6 +2,7 @@
 re-rendered object masks, the COCOEE layout and labels, resumable writing, the two baselines and the CLI."""
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -210,8 +211,8 @@ def test_benchmark_scenes_are_not_training_scenes():
 
 
 def test_baselines(bench, tmp_path):
-    assert benchmark.copy_paste(bench, tmp_path / "cp") == N
-    assert benchmark.unchanged(bench, tmp_path / "same") == N
+    assert benchmark.copy_paste(bench, tmp_path / "cp")["written"] == N
+    assert benchmark.unchanged(bench, tmp_path / "same")["written"] == N
     labels = benchmark.read_labels(bench)
     for id_, label in labels.items():
         source = np.asarray(load(bench / "source" / f"{id_}.png"))
@@ -227,6 +228,21 @@ def test_baselines(bench, tmp_path):
         assert not np.array_equal(pasted[y0:y1, x0:x1], source[y0:y1, x0:x1])
     with pytest.raises(ValueError, match="empty"):
         benchmark.paste_reference(source, np.zeros(source.shape[:2]), reference)
+
+
+def test_baselines_resume_and_skip_unusable_inputs(bench, tmp_path):
+    first = benchmark.copy_paste(bench, tmp_path / "cp")
+    (tmp_path / "cp" / "000001.png").unlink()  # as if interrupted before this one
+    again = benchmark.copy_paste(bench, tmp_path / "cp")
+    assert (first["written"], again["written"], again["skipped_done"]) == (N, 1, N - 1)
+    # A copy of the benchmark with one empty mask: that item is skipped and named, the others written.
+    broken = tmp_path / "broken"
+    shutil.copytree(bench, broken)
+    Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(broken / "mask" / "000002.png")
+    stats = benchmark.unchanged(broken, tmp_path / "same")
+    assert (stats["written"], stats["failed"]) == (N - 1, 1)
+    [failure] = [json.loads(line) for line in (tmp_path / "same" / "failures.jsonl").read_text().splitlines()]
+    assert failure["id"] == "000002" and "000002.png" in failure["error"] and "empty" in failure["error"]
 
 
 def test_write_examples(tmp_path):
@@ -256,7 +272,8 @@ def test_cli_make_and_baseline(tmp_path, capsys):
     run = subprocess.run([sys.executable, "-m", "pbe_jax.data.benchmark", "baseline", "copy-paste", str(out),
                           str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["000000.png", "000001.png"]
+    assert "2 results written, 0 already there, 0 inputs unusable" in run.stdout
+    assert sorted(p.name for p in (tmp_path / "r").glob("*.png")) == ["000000.png", "000001.png"]
     helped = subprocess.run([sys.executable, "-m", "pbe_jax.data.benchmark", "baseline", "--help"], cwd=ROOT,
                             capture_output=True, text=True)
     assert helped.returncode == 0 and "copy-paste" in helped.stdout and "unchanged" in helped.stdout

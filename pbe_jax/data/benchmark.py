@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -102,12 +101,9 @@ def _exemplar(attrs: dict, rotation: float, rng: np.random.Generator, size: int)
     centre = size / 2 + rng.uniform(-slack, slack)
     fp = synthetic.footprint(synthetic.polygon(attrs["shape"], centre, radius, rotation))
     synthetic.draw(canvas, fp, attrs, rng)
-    window, inside = fp.clip(size, size)
-    rows, cols = window
-    ys, xs = np.nonzero(inside)
-    y0, y1 = max(rows.start + ys.min() - REFERENCE_PAD, 0), min(rows.start + ys.max() + 1 + REFERENCE_PAD, size)
-    x0, x1 = max(cols.start + xs.min() - REFERENCE_PAD, 0), min(cols.start + xs.max() + 1 + REFERENCE_PAD, size)
-    return canvas[y0:y1, x0:x1], radius
+    x0, y0, x1, y1 = (int(v) for v in fp.box(size, size))
+    pad = REFERENCE_PAD
+    return canvas[max(y0 - pad, 0):min(y1 + pad, size), max(x0 - pad, 0):min(x1 + pad, size)], radius
 
 
 def make_item(index: int, *, seed: int = BENCHMARK_SEED, image_size: int = 128,
@@ -136,10 +132,7 @@ def _settings(n: int, seed: int, image_size: int, reference_size: int | None) ->
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Atomic, as batch.save_png: an interrupted run leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    batch.write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def make_benchmark(out_dir, n: int = 200, seed: int = BENCHMARK_SEED, image_size: int = 128,
@@ -218,24 +211,22 @@ def paste_reference(source: np.ndarray, mask: np.ndarray, reference: np.ndarray)
     return out
 
 
-def _run(benchmark_dir, out_dir, edit) -> int:
+def _run(benchmark_dir, out_dir, edit) -> dict:
     """`out_dir/<id>.png` = edit(source, mask, reference) for every item of a COCOEE-layout folder (this
-    benchmark or the release's); unusable inputs raise, naming the file. Returns the number written."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    jobs = batch.read_layout(Path(benchmark_dir))
-    for job in jobs:
-        source, mask, reference = batch.check_inputs(job)
-        batch.save_png(edit(source, mask, reference), batch.output_path(out, job))
-    return len(jobs)
+    benchmark or the release's), through `batch.run`: resumable (results already there are kept), unusable
+    inputs skipped and listed in out_dir/failures.jsonl. Returns batch.run's counts."""
+    def edit_batch(sources, masks, references, seeds):
+        return [edit(*item) for item in zip(sources, masks, references)]
+
+    return batch.run(batch.read_layout(Path(benchmark_dir)), Path(out_dir), edit_batch, batch_size=64, seed=0)
 
 
-def copy_paste(benchmark_dir, out_dir) -> int:
+def copy_paste(benchmark_dir, out_dir) -> dict:
     """The copy-paste baseline's results folder (see `paste_reference`)."""
     return _run(benchmark_dir, out_dir, paste_reference)
 
 
-def unchanged(benchmark_dir, out_dir) -> int:
+def unchanged(benchmark_dir, out_dir) -> dict:
     """The floor: every result is its source as it is."""
     return _run(benchmark_dir, out_dir, lambda source, mask, reference: source)
 
@@ -280,8 +271,9 @@ def main(argv=None) -> int:
             stats = make_benchmark(args.out, args.n, args.seed, args.size, args.reference_size)
             print(f"{args.out}: {args.n} items ({stats['written']} images written, {stats['kept']} already there)")
         elif args.command == "baseline":
-            count = BASELINES[args.name](args.benchmark, args.out)
-            print(f"{args.out}: {count} {args.name} results")
+            stats = BASELINES[args.name](args.benchmark, args.out)
+            print(f"{args.out}: {args.name}, {stats['written']} results written, {stats['skipped_done']} already "
+                  f"there, {stats['failed']} inputs unusable" + (" (see failures.jsonl)" if stats["failed"] else ""))
         else:
             folders = write_examples(args.out, args.n, seed=args.seed, image_size=args.size, start=args.start)
             print(f"{args.out}: {len(folders)} example(s)")

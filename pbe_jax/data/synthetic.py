@@ -78,6 +78,12 @@ class Footprint:
         inside = self.mask[y0 - self.y:y1 - self.y, x0 - self.x:x1 - self.x]
         return (slice(y0, y1), slice(x0, x1)), inside
 
+    def box(self, height: int, width: int) -> list[float]:
+        """x0, y0, x1, y1 (exclusive) of its pixels inside a height × width image, in image pixels."""
+        (rows, cols), inside = self.clip(height, width)
+        x0, y0, x1, y1 = _box_of(inside)
+        return [x0 + cols.start, y0 + rows.start, x1 + cols.start, y1 + rows.start]
+
 
 def footprint(vertices: np.ndarray) -> Footprint:
     """Rasterise a polygon on a canvas just large enough for it, so parts outside the image still count."""
@@ -151,9 +157,7 @@ def render_object(canvas: Image.Image, shape: int, colour: int, pattern: int, ce
     fp = footprint(polygon(shape, centre, radius, rotation))
     draw(image, fp, {"shape": shape, "colour": colour, "pattern": pattern}, rng)
     canvas.paste(Image.fromarray(image))
-    (rows, cols), inside = fp.clip(*image.shape[:2])
-    x0, y0, x1, y1 = _box_of(inside)
-    return x0 + cols.start, y0 + rows.start, x1 + cols.start, y1 + rows.start
+    return tuple(fp.box(*image.shape[:2]))
 
 
 def random_attributes(rng: np.random.Generator) -> dict:
@@ -210,10 +214,8 @@ def render_scene(rng: np.random.Generator, size: int, *, min_objects: int = 2, m
         labels[window][inside] = len(placed)
         shown = list(np.asarray(shown, int) - hidden) + [int(inside.sum())]
         areas.append(fp.area)
-        rows, cols = window
-        extent = np.asarray(_box_of(inside)) + [cols.start, rows.start, cols.start, rows.start]
         placed.append({**attrs, "centre": [float(centre[0]), float(centre[1])], "radius": r, "rotation": rotation,
-                       "extent": [float(v) for v in extent]})
+                       "extent": fp.box(size, size)})
     objects = [{**o, "box": _box_of(labels == k), "visible": float(shown[k] / areas[k])}
                for k, o in enumerate(placed)]
     return Scene(image, labels, objects)

@@ -16,6 +16,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from pbe_jax import convert, parallel
+from pbe_jax.batch import save_png
 from pbe_jax.convert import init as initialise
 from pbe_jax.diffusion import NoiseSchedule
 from pbe_jax.models import CLIPVisionConfig, Policy, UNet2DConditionModel, UNetConfig, VAEConfig
@@ -236,8 +237,6 @@ def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, progre
                 ckpt.save(done, trainer.state, loader.get_state(), to_dict(cfg))
                 last_good = done
             if cfg.sample_every and done % cfg.sample_every == 0:
-                from pbe_jax.batch import save_png
-
                 models = trainer.models()  # on every process (a collective); process 0 draws
                 if lead:
                     (workdir / "samples").mkdir(exist_ok=True)
