@@ -5,6 +5,8 @@
         model.sd_folder=/data/stable-diffusion-v1-4 model.clip_folder=/data/clip-vit-large-patch14 \\
         data.source=tfds data.name=open_images_v4
     python train.py --config tiny --workdir runs/tiny --resume           # continue after an interruption
+    python train.py --workdir runs/tiny --export                         # a diffusers folder from the
+    python train.py --workdir runs/tiny --export 2000                    # latest checkpoint, or step 2000
 
 Overrides are KEY=VALUE with dotted keys into the config (values are Python literals, else strings):
 data.batch_size=32, optim.lr=2e-5, model.remat=True, mesh_fsdp=8, steps=1000, ... Named configs live
@@ -23,8 +25,19 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True, help="where checkpoints, metrics, samples and the export go")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
     p.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--export", nargs="?", const="latest", metavar="STEP",
+                   help="train nothing: write the models of the latest checkpoint (or of STEP) in --workdir as a "
+                        "diffusers folder, built from the config saved with it (to WORKDIR/export, or "
+                        "WORKDIR/export_STEP for an earlier step; see --export-to)")
+    p.add_argument("--export-to", metavar="DIR", help="with --export: the folder to write instead")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.batch_size=8")
     args = p.parse_args(argv)
+    if args.export_to and not args.export:
+        p.error("--export-to needs --export")
+    if args.export:
+        if args.overrides or args.resume or args.show_config:
+            p.error("--export takes the config saved with the checkpoint: no KEY=VALUE, --resume or --show-config")
+        return export(args.workdir, args.export, args.export_to)
 
     from pbe_jax.train import config as config_lib
 
@@ -48,6 +61,21 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"done: {json.dumps(metrics)}")
+    return 0
+
+
+def export(workdir: str, step: str, out: str | None) -> int:
+    if step != "latest" and not step.isdigit():
+        print(f"error: --export {step!r}: expected a step number", file=sys.stderr)
+        return 1
+    from pbe_jax.train.loop import export_checkpoint
+
+    try:
+        done, folder = export_checkpoint(workdir, None if step == "latest" else int(step), out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {folder} (step {done})")
     return 0
 
 

@@ -34,11 +34,14 @@ def run_train(workdir, *extra, timeout=600, wait=True):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
 
 
-def final_params(workdir):
+def final_params_of(folder):
     from pbe_jax.convert import load, mapping
 
-    models = load(Path(workdir) / "export")
-    return {k: mapping.module_params(m) for k, m in models.components().items()}
+    return {k: mapping.module_params(m) for k, m in load(Path(folder)).components().items()}
+
+
+def final_params(workdir):
+    return final_params_of(Path(workdir) / "export")
 
 
 def test_config_overrides_and_errors():
@@ -51,6 +54,13 @@ def test_config_overrides_and_errors():
     with pytest.raises(FileNotFoundError, match="named configs: .*tiny"):
         config_lib.load("nope")
     assert config_lib.load("sd14").model.init == "sd"
+    # from_dict inverts to_dict (through JSON, as a checkpoint stores it), tuples included.
+    for name in ("tiny", "synthetic", "sd14"):
+        saved = json.loads(json.dumps(config_lib.to_dict(config_lib.load(name))))
+        assert config_lib.from_dict(saved) == config_lib.load(name)
+    assert config_lib.from_dict(json.loads(json.dumps(config_lib.to_dict(cfg)))) == cfg
+    with pytest.raises(ValueError, match=r"config.optim: unknown keys lrate"):
+        config_lib.from_dict({"optim": {"lrate": 1.0}})
 
 
 def test_init_from_stable_diffusion(tmp_path):
@@ -311,3 +321,20 @@ def test_train_cli_writes_metrics_samples_and_a_loadable_export(tmp_path):
     mask[8:24, 8:24] = 255
     out = pipe(rgb, mask, rgb, steps=2, height=32, width=32)
     assert out.shape == (1, 32, 32, 3)
+
+    # --export rebuilds the model from the config saved with a checkpoint: the latest gives the run's own export
+    # bit for bit, an earlier step other weights.
+    from pbe_jax.train.loop import export_checkpoint
+
+    assert export_checkpoint(tmp_path / "run", out=tmp_path / "again") == (4, tmp_path / "again")
+    assert export_checkpoint(tmp_path / "run", step=2) == (2, tmp_path / "run" / "export_2")
+    at_end, again, at_2 = (final_params(tmp_path / "run"), final_params_of(tmp_path / "again"),
+                           final_params_of(tmp_path / "run" / "export_2"))
+    flat = lambda params: {(c, k): v for c, p in params.items() for k, v in p.items()}  # noqa: E731
+    assert flat(again).keys() == flat(at_end).keys() == flat(at_2).keys()
+    assert all(np.array_equal(v, flat(again)[k]) for k, v in flat(at_end).items())
+    unet = [k for k in flat(at_end) if k[0] == "unet"]
+    assert not all(np.array_equal(flat(at_end)[k], flat(at_2)[k]) for k in unet)
+    bad = subprocess.run([sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path / "run"), "--export", "3"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 1 and "no checkpoint at step 3 (there are: 2, 4)" in bad.stderr

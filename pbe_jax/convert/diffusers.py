@@ -206,11 +206,19 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, variant:
     to = to or ("diffusers" if is_checkpoint(src) else "jax")
     if src.resolve() == dst.resolve():
         raise ValueError(f"source and destination are the same folder: {src}")
-    models = load(src, variant=variant)
-    tmp = dst.with_name(dst.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(models, tmp, format=to, dtype=dtype)
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.rename(dst)
+    save_replacing(load(src, variant=variant), dst, format=to, dtype=dtype)
     return to
+
+
+def save_replacing(models: PaintByExampleModels, folder: str | Path, *, format: str,
+                   dtype: str | None = None) -> Path:
+    """`save` into folder.partial, then that renamed to `folder` (an old `folder` removed first): an
+    interrupted write leaves the old folder whole, never a mix of old and new files."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(models, tmp, format=format, dtype=dtype)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder

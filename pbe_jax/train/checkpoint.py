@@ -22,6 +22,13 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def config(self, step: int) -> dict:
+        """The config saved with checkpoint `step` (`config.to_dict`'s form)."""
+        return self.manager.restore(step, args=self._ocp.args.Composite(config=self._ocp.args.JsonRestore())).config
+
     def save(self, step: int, state: Any, data_state: Any, config: dict) -> None:
         a = self._ocp.args
         self.manager.save(step, args=a.Composite(state=a.StandardSave(state), data=a.JsonSave(data_state),

@@ -137,3 +137,23 @@ def _set(obj, parts: list[str], value, full: str):
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict, cls: type = TrainConfig, where: str = "config"):
+    """The inverse of `to_dict` (e.g. the config saved with a checkpoint); unknown keys are errors, missing
+    ones keep their defaults."""
+    default = cls()
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {', '.join(unknown)} ({cls.__name__} has: "
+                         f"{', '.join(sorted(names))})")
+    values = {}
+    for name, value in d.items():
+        current = getattr(default, name)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            value = from_dict(value, type(current), f"{where}.{name}")
+        elif isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        values[name] = value
+    return cls(**values)

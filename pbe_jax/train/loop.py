@@ -22,7 +22,7 @@ from pbe_jax.diffusion import NoiseSchedule
 from pbe_jax.models import CLIPVisionConfig, Policy, UNet2DConditionModel, UNetConfig, VAEConfig
 from pbe_jax.train import state as train_state
 from pbe_jax.train.checkpoint import Checkpoints, abstract
-from pbe_jax.train.config import TrainConfig, to_dict
+from pbe_jax.train.config import TrainConfig, from_dict, to_dict
 from pbe_jax.train.metrics import MetricsWriter
 from pbe_jax.train.step import StepConfig, train_step
 
@@ -251,5 +251,35 @@ def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, progre
     if cfg.export:
         models = trainer.models()  # on every process (a collective); process 0 writes
         if lead:
-            convert.save(models, workdir / "export", format="diffusers")
+            convert.save_replacing(models, workdir / "export", format="diffusers")
     return metrics
+
+
+def export_checkpoint(workdir: str | Path, step: int | None = None, out: str | Path | None = None) -> tuple[int, Path]:
+    """Write the models of checkpoint `step` (default: the latest) of the run in `workdir` as a diffusers
+    folder, as the run's end does: for a run stopped before its end, or an earlier step. The model is built
+    from the config saved with the checkpoint. `out` defaults to workdir/export for the latest checkpoint and
+    workdir/export_<step> for another; it is replaced whole, and only once the new folder is complete.
+    Returns (step, out). With several processes every process must call this (the weights are gathered)."""
+    workdir = Path(workdir)
+    if not (workdir / "checkpoints").is_dir():  # before orbax would create it
+        raise FileNotFoundError(f"{workdir / 'checkpoints'}: no such folder; nothing to export")
+    ckpt = Checkpoints(workdir / "checkpoints")
+    try:
+        steps = ckpt.steps()
+        if not steps:
+            raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoints to export")
+        step = steps[-1] if step is None else int(step)
+        if step not in steps:
+            raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint at step {step} (there are: "
+                                    f"{', '.join(map(str, steps))})")
+        cfg = from_dict(ckpt.config(step), where=f"{workdir / 'checkpoints' / str(step)} config")
+        trainer = build_trainer(cfg)
+        trainer.state, _ = ckpt.restore(step, abstract(trainer.state, trainer.shardings))
+    finally:
+        ckpt.close()
+    out = Path(out) if out is not None else workdir / ("export" if step == steps[-1] else f"export_{step}")
+    models = trainer.models()  # on every process (a collective); process 0 writes
+    if jax.process_index() == 0:
+        convert.save_replacing(models, out, format="diffusers")
+    return step, out
