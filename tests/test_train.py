@@ -61,6 +61,10 @@ def test_config_overrides_and_errors():
     assert config_lib.from_dict(json.loads(json.dumps(config_lib.to_dict(cfg)))) == cfg
     with pytest.raises(ValueError, match=r"config.optim: unknown keys lrate"):
         config_lib.from_dict({"optim": {"lrate": 1.0}})
+    changed = config_lib.override(cfg, ["optim.lr=1e-3", "model.unet.norm_num_groups=8", "bezier_mask_p=0.0"])
+    assert config_lib.differences(saved, saved) == []
+    assert config_lib.differences(config_lib.to_dict(cfg), config_lib.to_dict(changed)) == [
+        "bezier_mask_p: 0.5 → 0.0", "model.unet.norm_num_groups: 4 → 8", "optim.lr: 0.0002 → 0.001"]
 
 
 def test_init_from_stable_diffusion(tmp_path):
@@ -287,6 +291,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     resumed = run_train(tmp_path / "killed", *steps, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step" in resumed.stdout + resumed.stderr
+    assert "config differs from the one saved with step 6: steps: 1000 → 10" in resumed.stdout
     a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "killed")
     for comp in a:
         for path in a[comp]:

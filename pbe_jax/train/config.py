@@ -157,3 +157,16 @@ def from_dict(d: dict, cls: type = TrainConfig, where: str = "config"):
             value = tuple(value)
         values[name] = value
     return cls(**values)
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """"key: old → new" for every dotted key whose value differs between two `to_dict` forms (tuples and
+    lists compare equal, as they do once saved as JSON)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            out.append(f"{prefix}{key}: {a!r} → {b!r}")
+    return out

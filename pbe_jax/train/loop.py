@@ -22,7 +22,7 @@ from pbe_jax.diffusion import NoiseSchedule
 from pbe_jax.models import CLIPVisionConfig, Policy, UNet2DConditionModel, UNetConfig, VAEConfig
 from pbe_jax.train import state as train_state
 from pbe_jax.train.checkpoint import Checkpoints, abstract
-from pbe_jax.train.config import TrainConfig, from_dict, to_dict
+from pbe_jax.train.config import TrainConfig, differences, from_dict, to_dict
 from pbe_jax.train.metrics import MetricsWriter
 from pbe_jax.train.step import StepConfig, train_step
 
@@ -199,6 +199,9 @@ def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, progre
         loader.set_state(data_state)
         if lead:
             print(f"resumed from step {start}")
+            changed = differences(ckpt.config(start), to_dict(cfg))
+            if changed:  # on purpose (more steps, another lr) or not (a forgotten override): said either way
+                print(f"note: the config differs from the one saved with step {start}: {'; '.join(changed)}")
     sample_batch = None
     if cfg.sample_every and lead:
         with make_loader(cfg, seed=cfg.seed + 1) as held_out:
