@@ -245,6 +245,22 @@ def test_baselines_resume_and_skip_unusable_inputs(bench, tmp_path):
     assert failure["id"] == "000002" and "000002.png" in failure["error"] and "empty" in failure["error"]
 
 
+def test_baselines_through_the_shipped_autoencoder(bench, tmp_path):
+    roundtrip = benchmark.autoencoder_roundtrip(ROOT / "checkpoints" / "synthetic")
+    stats = benchmark.unchanged(bench, tmp_path / "same", roundtrip)
+    assert stats["written"] == N
+    for id_ in benchmark.read_labels(bench):
+        source = np.asarray(load(bench / "source" / f"{id_}.png"))
+        result = np.asarray(load(tmp_path / "same" / f"{id_}.png"))
+        # Not the source any more, but a reconstruction of it (the trained autoencoder gives ~22 dB on 64² scenes).
+        assert result.shape == source.shape and not np.array_equal(result, source)
+        assert 18 < 10 * np.log10(255 ** 2 / np.mean((result.astype(float) - source) ** 2)) < 40
+    with pytest.raises(ValueError, match="divisible by 4, got 66×64"):
+        roundtrip(np.zeros((64, 66, 3), np.uint8))
+    assert benchmark.main(["baseline", "unchanged", str(bench), str(tmp_path / "x"), "--through-vae",
+                           str(tmp_path / "nope")]) == 1
+
+
 def test_write_examples(tmp_path):
     [one] = benchmark.write_examples(tmp_path / "one")
     assert one == tmp_path / "one"

@@ -1,6 +1,6 @@
 """The held-out benchmark: synthetic scenes in the COCOEE layout, for the case the paper targets, where the
 reference is another instance of another kind, in another pose, cut out of another picture; and the two
-baselines that need no model.
+baselines that need no model (each optionally passed through a model's autoencoder).
 
 A benchmark folder (what `make_benchmark` writes, what `python sample.py --batch` reads):
     source/<id>.png      RGB scene, image_size²
@@ -26,6 +26,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -211,24 +212,59 @@ def paste_reference(source: np.ndarray, mask: np.ndarray, reference: np.ndarray)
     return out
 
 
-def _run(benchmark_dir, out_dir, edit) -> dict:
-    """`out_dir/<id>.png` = edit(source, mask, reference) for every item of a COCOEE-layout folder (this
-    benchmark or the release's), through `batch.run`: resumable (results already there are kept), unusable
-    inputs skipped and listed in out_dir/failures.jsonl. Returns batch.run's counts."""
+def autoencoder_roundtrip(model) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 (H, W, 3) → the image encoded (posterior mean) and decoded by the autoencoder of `model` (a
+    Paint-by-Example folder or checkpoint, or its vae/ folder). Every edit of a latent-diffusion model comes
+    out of that decoder, so a baseline passed through it shows what the autoencoder alone costs."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from pbe_jax.convert import load_component
+
+    folder = Path(model)
+    folder = folder / "vae" if (folder / "vae").is_dir() else folder
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{model}: no such model folder")
+    vae = load_component(folder, "vae")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    graphdef, state = nnx.split(vae)
+
+    @jax.jit
+    def roundtrip(x):
+        vae = nnx.merge(graphdef, state)
+        out = vae.decode(vae.encode(x.astype(jnp.float32) / 127.5 - 1.0).mean).astype(jnp.float32)
+        return jnp.round(jnp.clip(out / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
+
+    def apply(image: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        if h % factor or w % factor:
+            raise ValueError(f"{folder}: the autoencoder needs sides divisible by {factor}, got {w}×{h}")
+        return np.asarray(roundtrip(image[None]))[0]
+
+    return apply
+
+
+def _run(benchmark_dir, out_dir, edit, through: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+    """`out_dir/<id>.png` = edit(source, mask, reference), then `through` it when given (e.g.
+    `autoencoder_roundtrip`), for every item of a COCOEE-layout folder (this benchmark or the release's),
+    through `batch.run`: resumable (results already there are kept), unusable inputs skipped and listed in
+    out_dir/failures.jsonl. Returns batch.run's counts."""
     def edit_batch(sources, masks, references, seeds):
-        return [edit(*item) for item in zip(sources, masks, references)]
+        results = [edit(*item) for item in zip(sources, masks, references)]
+        return [through(r) for r in results] if through is not None else results
 
     return batch.run(batch.read_layout(Path(benchmark_dir)), Path(out_dir), edit_batch, batch_size=64, seed=0)
 
 
-def copy_paste(benchmark_dir, out_dir) -> dict:
+def copy_paste(benchmark_dir, out_dir, through=None) -> dict:
     """The copy-paste baseline's results folder (see `paste_reference`)."""
-    return _run(benchmark_dir, out_dir, paste_reference)
+    return _run(benchmark_dir, out_dir, paste_reference, through)
 
 
-def unchanged(benchmark_dir, out_dir) -> dict:
+def unchanged(benchmark_dir, out_dir, through=None) -> dict:
     """The floor: every result is its source as it is."""
-    return _run(benchmark_dir, out_dir, lambda source, mask, reference: source)
+    return _run(benchmark_dir, out_dir, lambda source, mask, reference: source, through)
 
 
 BASELINES = {"copy-paste": copy_paste, "unchanged": unchanged}
@@ -253,6 +289,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     base.add_argument("name", choices=list(BASELINES), help="which baseline")
     base.add_argument("benchmark", help="a COCOEE-layout folder (source/, mask/, reference/)")
     base.add_argument("out", help="results folder to write")
+    base.add_argument("--through-vae", metavar="MODEL",
+                      help="pass every result through MODEL's autoencoder (encode, decode): what a latent-diffusion "
+                           "model with that autoencoder could at best give back (MODEL: a Paint-by-Example folder "
+                           "or checkpoint, or its vae/)")
     ex = sub.add_parser("examples", help="write example inputs for sample.py",
                         description="Write source.png, mask.png, reference.png (one example) or one folder per "
                                     "example.")
@@ -271,7 +311,8 @@ def main(argv=None) -> int:
             stats = make_benchmark(args.out, args.n, args.seed, args.size, args.reference_size)
             print(f"{args.out}: {args.n} items ({stats['written']} images written, {stats['kept']} already there)")
         elif args.command == "baseline":
-            stats = BASELINES[args.name](args.benchmark, args.out)
+            through = autoencoder_roundtrip(args.through_vae) if args.through_vae else None
+            stats = BASELINES[args.name](args.benchmark, args.out, through)
             print(f"{args.out}: {args.name}, {stats['written']} results written, {stats['skipped_done']} already "
                   f"there, {stats['failed']} inputs unusable" + (" (see failures.jsonl)" if stats["failed"] else ""))
         else:
