@@ -120,8 +120,9 @@ def main(argv=None) -> int:
 
     stats = batch.run(jobs, Path(args.out), edit, batch_size=args.batch_size, seed=args.seed,
                       progress=lambda total: tqdm(total=total, unit="img", desc="editing"))
-    print(f"{stats['written']} written, {stats['skipped_done']} already done, {stats['failed']} failed "
-          f"(see {Path(args.out) / 'failures.jsonl'}) in {stats['seconds']} s")
+    failures = f" (see {Path(args.out) / 'failures.jsonl'})" if stats["failed"] else ""
+    print(f"{stats['written']} written, {stats['skipped_done']} already done, {stats['failed']} failed{failures} "
+          f"in {stats['seconds']} s")
     return 0
 
 

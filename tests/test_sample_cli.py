@@ -68,7 +68,7 @@ def test_no_arguments_means_the_shipped_model_and_example():
         assert Path(path) == sample.DEFAULT_EXAMPLE / f"{role}.png" and Path(path).is_file()
 
 
-def test_batch_manifest_resume_and_failures(tiny_folder, tmp_path):
+def test_batch_manifest_resume_and_failures(tiny_folder, tmp_path, capsys):
     rows = write_inputs(tmp_path, 5)
     (tmp_path / "src_2.png").write_bytes(b"not a png")  # unreadable
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "mask_3.png")  # empty mask
@@ -78,6 +78,7 @@ def test_batch_manifest_resume_and_failures(tiny_folder, tmp_path):
     args = ["--pretrained", str(tiny_folder("sd")), "--batch", str(tmp_path / "jobs.jsonl"), "--out", str(out),
             "--batch-size", "2", *COMMON]
     assert sample.main(args) == 0
+    assert f"3 written, 0 already done, 2 failed (see {out / 'failures.jsonl'})" in capsys.readouterr().out
     assert sorted(p.name for p in out.glob("*.png")) == ["item0.png", "item1.png", "item4.png"]
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert {f["id"] for f in failures} == {"item2", "item3"}
