@@ -133,6 +133,31 @@ def test_step_updates_only_trainable_parts_and_learns():
     assert not any(n.startswith(("vae.", "image_encoder.model.")) for n in names)
 
 
+def test_step_compiled_from_shapes_alone_runs_on_the_real_state():
+    """abstract_trainer: the real step lowered from shapes (how bench/full_size_cpu.py compiles SD-1.4 size
+    without weights) accepts the state build_trainer makes, and its memory analysis counts exactly it."""
+    from pbe_jax.train.loop import abstract_trainer, batch_spec, build_trainer, make_loader
+
+    cfg = micro_config("model.remat=True", "model.frozen_dtype=bfloat16")
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    shapes = abstract_trainer(cfg, mesh=mesh)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes.state))
+    real = build_trainer(cfg, mesh=mesh)
+    assert jax.tree.structure(shapes.state) == jax.tree.structure(real.state)
+    assert ([(x.shape, x.dtype) for x in jax.tree.leaves(shapes.state)]
+            == [(x.shape, x.dtype) for x in jax.tree.leaves(real.state)])
+    assert {x.dtype for x in jax.tree.leaves(real.state.frozen)} == {jnp.dtype(jnp.bfloat16)}
+    with make_loader(cfg, seed=0) as loader:
+        batch = jax.tree.map(jnp.asarray, next(loader))
+    spec = batch_spec(cfg)
+    assert {k: (v.shape, v.dtype) for k, v in spec.items()} == {k: (v.shape, v.dtype) for k, v in batch.items()}
+    compiled = shapes.step_fn.lower(shapes.state, spec).compile()
+    nbytes = sum(x.nbytes for x in jax.tree.leaves((real.state, batch)))
+    assert compiled.memory_analysis().argument_size_in_bytes == nbytes
+    state, metrics = compiled(real.state, batch)
+    assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+
 def test_condition_dropout():
     from pbe_jax.diffusion import NoiseSchedule
     from pbe_jax.train.loop import build_models, make_loader

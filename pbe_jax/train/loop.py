@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from pbe_jax import convert, parallel
 from pbe_jax.batch import save_png
 from pbe_jax.convert import init as initialise
+from pbe_jax.convert import mapping
 from pbe_jax.diffusion import NoiseSchedule
 from pbe_jax.models import CLIPVisionConfig, Policy, UNet2DConditionModel, UNetConfig, VAEConfig
 from pbe_jax.train import state as train_state
@@ -124,13 +125,50 @@ def build_trainer(cfg: TrainConfig, models: convert.PaintByExampleModels | None 
     state = train_state.create(params, frozen, optimizer, ema=cfg.ema_decay > 0, seed=cfg.seed)
     shardings = parallel.tree_shardings(state, mesh)
     state = jax.device_put(state, shardings)
+    step_fn = _jit_step(cfg, graphdef, optimizer, models, shardings, mesh)
+    return Trainer(cfg, graphdef, state, mesh, step_fn, shardings, dict(models.extra_configs))
+
+
+def abstract_trainer(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> Trainer:
+    """The Trainer `build_trainer(cfg)` makes for `model.init=scratch`, with shapes only: its state's leaves
+    are `jax.ShapeDtypeStruct`s and no weight is drawn or allocated, so the real step can be lowered and
+    compiled at full size (`trainer.step_fn.lower(trainer.state, batch_spec(cfg))`) on any machine."""
+    mesh = mesh or parallel.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
+    m = cfg.model
+    policy = Policy(dtype=jnp.dtype(m.dtype), attention_backend=m.attention)
+    nets = {}
+    for name, config in (("unet", UNetConfig.from_dict(m.unet, "model.unet")),
+                         ("vae", VAEConfig.from_dict(m.vae, "model.vae")),
+                         ("image_encoder", CLIPVisionConfig.from_dict(m.image_encoder, "model.image_encoder"))):
+        graphdef, flat = mapping.abstract_model(convert.COMPONENTS[name].model, config, policy)
+        nets[name] = nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))
+    models = convert.PaintByExampleModels(**nets, extra_configs=_scratch_extras(cfg))
+    models.unet.remat = m.remat
+    graphdef, params, frozen = train_state.split(models, m.trainable, jnp.dtype(m.frozen_dtype))
+    optimizer = train_state.make_optimizer(cfg.optim)
+    state = jax.eval_shape(lambda p, f: train_state.create(p, f, optimizer, ema=cfg.ema_decay > 0, seed=cfg.seed),
+                           params, frozen)
+    shardings = parallel.tree_shardings(state, mesh)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+    step_fn = _jit_step(cfg, graphdef, optimizer, models, shardings, mesh)
+    return Trainer(cfg, graphdef, state, mesh, step_fn, shardings, dict(models.extra_configs))
+
+
+def batch_spec(cfg: TrainConfig, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes and dtypes of one global training batch, as the data pipeline yields it."""
+    b, s, r = batch_size or cfg.data.batch_size, cfg.data.image_size, cfg.data.reference_size
+    return {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8),
+            "reference": jax.ShapeDtypeStruct((b, r, r, 3), jnp.uint8),
+            "box": jax.ShapeDtypeStruct((b, 4), jnp.float32), "box_ext": jax.ShapeDtypeStruct((b, 4), jnp.float32)}
+
+
+def _jit_step(cfg: TrainConfig, graphdef, optimizer, models, shardings, mesh):
     schedule = NoiseSchedule.from_config(models.extra_configs.get("scheduler"))
     step_cfg = StepConfig.from_train_config(cfg)
     batch_sharding = jax.sharding.NamedSharding(mesh, parallel.BATCH)
-    step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
-                                        cfg=step_cfg),
-                      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
-    return Trainer(cfg, graphdef, state, mesh, step_fn, shardings, dict(models.extra_configs))
+    return jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
+                                     cfg=step_cfg),
+                   in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
 
 
 def _sample_grid(trainer: Trainer, models: convert.PaintByExampleModels, batch: dict, steps: int) -> np.ndarray:

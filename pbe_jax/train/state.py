@@ -58,8 +58,15 @@ def split(models: PaintByExampleModels, trainable: tuple[str, ...], frozen_dtype
     for prefix in trainable:
         if not any(name == prefix or name.startswith(prefix + ".") for name in flat):
             raise ValueError(f"trainable prefix {prefix!r} matches no parameter")
-    frozen = jax.tree.map(lambda a: a.astype(frozen_dtype), frozen)
+    frozen = jax.tree.map(lambda a: _cast(a, frozen_dtype), frozen)
     return graphdef, params, frozen
+
+
+def _cast(a, dtype):
+    """`a` in `dtype`; a shape-only leaf (jax.ShapeDtypeStruct, from eval_shape) stays shape-only."""
+    if isinstance(a, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(a.shape, dtype)
+    return a.astype(dtype)
 
 
 def create(params, frozen, optimizer: optax.GradientTransformation, *, ema: bool, seed: int) -> TrainState:
