@@ -43,27 +43,46 @@ def time_calls(fn, reps: int):
     return first, (time.perf_counter() - t0) / reps
 
 
-def random_jax_models(policy, seed: int = 0):
-    """Full-size networks with numpy-drawn weights, placed without running any random init."""
+def random_jax_models(policy, seed: int = 0, *, components=("unet", "vae", "image_encoder"), device=None):
+    """Full-size networks with numpy-drawn weights (N(0, 0.02²), norm scales 1), placed without running any
+    random init (a jitted init of 860 M parameters compiles for minutes). Each parameter is drawn from its
+    own seed on a pool of host threads (numpy releases the GIL while filling), so the 1.3 B numbers take
+    seconds. `device` is where the arrays go (default: JAX's default device); `components` picks networks
+    (the rest are None)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import jax
+
     from pbe_jax.convert import PaintByExampleModels, mapping
     from pbe_jax.models import (AutoencoderKL, CLIPVisionConfig, PaintByExampleImageEncoder, UNet2DConditionModel,
                                 UNetConfig, VAEConfig)
 
-    rng = np.random.default_rng(seed)
-    nets = {}
-    for name, cls, cfg in (("unet", UNet2DConditionModel, UNetConfig()), ("vae", AutoencoderKL, VAEConfig()),
-                           ("image_encoder", PaintByExampleImageEncoder, CLIPVisionConfig())):
-        _, flat = mapping.abstract_model(cls, cfg, policy)
-        params = {}
-        for path, var in flat.items():
-            shape = var.get_value().shape
-            params[path] = (np.ones(shape, np.float32) if path[-1] == "scale" else
-                            (0.02 * rng.standard_normal(shape, np.float32)))
-        nets[name] = mapping.materialize(cls, cfg, policy, params, f"random {name}")
+    def draw(key: tuple, path, shape) -> np.ndarray:
+        if path[-1] == "scale":
+            return np.ones(shape, np.float32)
+        a = np.random.default_rng([seed, *key]).standard_normal(shape, np.float32)
+        a *= 0.02
+        return a
+
+    nets = dict.fromkeys(("unet", "vae", "image_encoder"))
+    specs = (("unet", UNet2DConditionModel, UNetConfig()), ("vae", AutoencoderKL, VAEConfig()),
+             ("image_encoder", PaintByExampleImageEncoder, CLIPVisionConfig()))
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        for k, (name, cls, cfg) in enumerate(specs):
+            if name not in components:
+                continue
+            _, flat = mapping.abstract_model(cls, cfg, policy)
+            paths = list(flat)
+            arrays = pool.map(lambda ip: draw((k, ip[0]), ip[1], flat[ip[1]].get_value().shape), enumerate(paths))
+            params = dict(zip(paths, arrays))
+            with jax.default_device(device or jax.devices()[0]):
+                nets[name] = mapping.materialize(cls, cfg, policy, params, f"random {name}")
     return PaintByExampleModels(**nets)
 
 
-def run_jax(args) -> dict:
+def run_jax(args, emit=None) -> dict:
+    """The JAX pipeline at each batch size of args; `emit(key, row)` sees each row as it is measured."""
     import jax
     import jax.numpy as jnp
 
@@ -85,10 +104,13 @@ def run_jax(args) -> dict:
                             "first_call_s": round(first, 1),
                             "peak_GiB": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2) or None}
         print(json.dumps({"jax": {f"batch{b}": out[f"batch{b}"]}}), file=sys.stderr, flush=True)
+        if emit is not None:
+            emit(f"batch{b}", out[f"batch{b}"])
     return out
 
 
-def run_torch(args) -> dict:
+def run_torch(args, emit=None) -> dict:
+    """diffusers' pipeline at each batch size of args (fp16 on GPU); `emit(key, row)` as for run_jax."""
     import torch
 
     from pbe_jax import reference
@@ -130,6 +152,8 @@ def run_torch(args) -> dict:
         first, dt = time_calls(call, args.reps)
         out[f"batch{b}"] = {"s_per_call": round(dt, 4), "img_per_s": round(b / dt, 3), "first_call_s": round(first, 1),
                             "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+        if emit is not None:
+            emit(f"batch{b}", out[f"batch{b}"])
     return out
 
 

@@ -13,6 +13,7 @@ peak is known.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendor figures
 
 
@@ -52,87 +53,134 @@ def timed(fn, state, args, reps):
 
 def run_jax(args) -> dict:
     import jax
-    import jax.numpy as jnp
 
-    from pbe_jax import parallel
-    from pbe_jax.train import config as config_lib
-    from pbe_jax.train.loop import build_models, build_trainer
-    from pbe_jax.convert.init import from_scratch
-    from pbe_jax.models import CLIPVisionConfig, Policy, UNetConfig, VAEConfig
+    from pbe_jax.train.loop import build_models
 
     dev = jax.devices()[0]
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in dev.device_kind), None)
-    out = {"device": dev.device_kind, "peak_tflops": peak}
-    full = None
-    if args.config == "sd14":  # drawn once (numpy, host), reused by every row
-        full = from_scratch(UNetConfig(), VAEConfig(), CLIPVisionConfig(), policy=Policy(dtype=jnp.bfloat16))
+    out = {"device": dev.device_kind, "peak_tflops": peak_tflops(dev)}
+    full = full_size_models() if args.config == "sd14" else None  # drawn once, reused by every row
     for remat in args.remat_options:
         for b in args.batch_sizes:
-            overrides = [f"data.batch_size={b}", f"model.remat={remat}", "optim.warmup_steps=1"]
-            if args.config == "sd14":
-                cfg = config_lib.override(config_lib.load("sd14"), overrides + ["model.init=scratch"])
-                models = full
-            else:
-                cfg = config_lib.override(config_lib.load("tiny"), overrides)
-                models = None
+            cfg = step_config(args.config, b, remat)
             key = f"bs{b}_remat{int(remat)}"
             try:
-                trainer = build_trainer(cfg, models=models, mesh=parallel.make_mesh(devices=jax.devices()[:1]))
-                x = parallel.global_batch(batch(b, cfg.data.image_size, cfg.data.reference_size), trainer.mesh)
-                t0 = time.perf_counter()
-                compiled = trainer.step_fn.lower(trainer.state, x).compile()
-                compile_s = time.perf_counter() - t0
-                cost = compiled.cost_analysis()
-                flops = (cost[0] if isinstance(cost, list) else cost or {}).get("flops")
-                _, dt = timed(compiled, trainer.state, (x,), args.reps)  # the executable compiled above
-                stats = dev.memory_stats() or {}
-                row = {"step_s": round(dt, 4), "samples_per_s": round(b / dt, 2), "compile_s": round(compile_s, 1),
-                       "peak_GiB": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2) or None,
-                       "tflops": round(flops / dt / 1e12, 1) if flops else None}
-                if flops and peak:
-                    row["mfu"] = round(flops / dt / 1e12 / peak, 3)
-                out[key] = row
-                del trainer
+                out[key] = jax_step(cfg, full or build_models(cfg), args.reps)
             except Exception as e:  # out of memory at a size is a result, not a crash
                 out[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             print(json.dumps({"jax": {key: out[key]}}), file=sys.stderr, flush=True)
             if not remat and isinstance(out[key], dict):  # the UNet-only step where the whole step ran
-                out[f"unet_only_bs{b}"] = unet_only(models if models is not None else build_models(cfg), cfg, b,
-                                                    args.reps)  # fresh: the step donated its state
+                out[f"unet_only_bs{b}"] = unet_only((full or build_models(cfg)).unet, cfg, b, args.reps)
     return out
 
 
-def unet_only(models, cfg, b: int, reps: int) -> dict:
+def peak_tflops(dev) -> float | None:
+    return next((v for k, v in PEAK_TFLOPS.items() if k in dev.device_kind), None)
+
+
+def step_config(config: str, b: int, remat: bool, *extra: str):
+    """The named config (sd14: full size, random init) at batch b, with remat on or off."""
+    from pbe_jax.train import config as config_lib
+
+    overrides = [f"data.batch_size={b}", f"model.remat={remat}", "optim.warmup_steps=1", *extra]
+    if config == "sd14":
+        overrides.append("model.init=scratch")
+    return config_lib.override(config_lib.load(config), overrides)
+
+
+def full_size_models(components=("unet", "vae", "image_encoder")):
+    """SD-1.4-size networks with random weights, kept on the host (the CPU device): the trainer then places
+    only its own state on the accelerator, so peak device memory is the step's alone."""
+    import jax
+    import jax.numpy as jnp
+
+    from pbe_jax.models import Policy
+    from sample_throughput import random_jax_models
+
+    return random_jax_models(Policy(dtype=jnp.bfloat16), components=components, device=jax.devices("cpu")[0])
+
+
+def jax_step(cfg, models, reps: int) -> dict:
+    """The real training step (`build_trainer`) at cfg's batch on the first device: compile time (AOT),
+    step time, samples/s, TFLOP/s and MFU from XLA's FLOP count, the compiled program's memory (arguments,
+    temporaries, outputs not aliased to donated inputs) and the device's peak memory."""
+    import jax
+
+    from pbe_jax import parallel
+    from pbe_jax.train.loop import build_trainer
+
+    dev = jax.devices()[0]
+    with jax.default_device(jax.devices("cpu")[0]):  # state made on the host, then placed on `dev`
+        trainer = build_trainer(cfg, models=models, mesh=parallel.make_mesh(devices=[dev]))
+    del models  # a caller that passed its only reference frees the float32 frozen towers here
+    b = cfg.data.batch_size
+    x = parallel.global_batch(batch(b, cfg.data.image_size, cfg.data.reference_size), trainer.mesh)
+    t0 = time.perf_counter()
+    compiled = trainer.step_fn.lower(trainer.state, x).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    flops = (cost[0] if isinstance(cost, list) else cost or {}).get("flops")
+    state, metrics = compiled(trainer.state, x)
+    loss = float(metrics["loss"])
+    _, dt = timed(compiled, state, (x,), reps)  # the executable compiled above
+    stats = dev.memory_stats() or {}
+    peak = peak_tflops(dev)
+    row = {"step_s": round(dt, 4), "samples_per_s": round(b / dt, 2), "compile_s": round(compile_s, 1),
+           "loss": loss, "peak_GiB": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2) or None,
+           "compiled_GiB": round(compiled_bytes(compiled) / 2**30, 2),
+           "tflops": round(flops / dt / 1e12, 1) if flops else None}
+    if flops and peak:
+        row["mfu"] = round(flops / dt / 1e12 / peak, 3)
+    return row
+
+
+def compiled_bytes(compiled) -> int:
+    """What a compiled program needs on its device: arguments + temporaries + outputs that do not reuse a
+    donated argument's buffer (XLA's buffer assignment, before any allocator overhead)."""
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+
+
+def unet_only(unet, cfg, b: int, reps: int) -> dict:
     """UNet forward, backward and AdamW on ready latents (no VAE, no CLIP): the anchor's "UNet only" step."""
     import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
-    graphdef, params = nnx.split(models.unet)
+    dev = jax.devices()[0]
+    graphdef, params = nnx.split(unet)
     opt = optax.adamw(1e-5)
-    lat = cfg.data.image_size // 2 ** (len(models.vae.config.block_out_channels) - 1)
+    from pbe_jax.models import VAEConfig
+
+    vae = VAEConfig.from_dict(cfg.model.vae, "model.vae")
+    lat = cfg.data.image_size // 2 ** (len(vae.block_out_channels) - 1)
     k = jax.random.key(0)
     x = jax.random.normal(k, (b, lat, lat, 9))
-    c = jax.random.normal(k, (b, 1, models.unet.config.cross_attention_dim[0]))
+    c = jax.random.normal(k, (b, 1, unet.config.cross_attention_dim[0]))
     n = jax.random.normal(k, (b, lat, lat, 4))
     t = jnp.full((b,), 500)
 
     def loss(p):
         return jnp.mean(jnp.square(nnx.merge(graphdef, p)(x, t, c).astype(jnp.float32) - n))
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=0)
     def step(state, _):
         p, o = state
         value, g = jax.value_and_grad(loss)(p)
         u, o = opt.update(g, o, p)
         return (optax.apply_updates(p, u), o), value
 
-    first, dt = timed(step, (params, opt.init(params)), (None,), reps)
-    return {"step_s": round(dt, 4), "samples_per_s": round(b / dt, 2), "first_step_s": round(first, 1)}
+    # Committed to `dev` as a whole, so that the step's outputs fed back in match its inputs (no recompile).
+    state = jax.device_put((params, opt.init(params)), dev)
+    first, dt = timed(step, state, (None,), reps)
+    stats = dev.memory_stats() or {}
+    return {"step_s": round(dt, 4), "samples_per_s": round(b / dt, 2), "first_step_s": round(first, 1),
+            "peak_GiB": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2) or None}
 
 
-def run_torch(args) -> dict:
+def run_torch(args, emit=None) -> dict:
+    """The PyTorch reference step for every (remat, batch) of args; `emit(key, row)` sees each row as it
+    is measured."""
     import torch
 
     from pbe_jax import reference
@@ -141,7 +189,7 @@ def run_torch(args) -> dict:
     dev = "cuda" if cuda else "cpu"
     if args.config == "sd14":
         nets = reference.build_full_size()
-        size, ref = 512, 224
+        size, ref = getattr(args, "size", 512), 224
     else:
         nets = reference.load_torch(args.folder)
         size, ref = 64, 32
@@ -151,46 +199,49 @@ def run_torch(args) -> dict:
     opt = torch.optim.AdamW(trainable, lr=1e-5)
     alphas = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, device=dev) ** 2, 0)
     out = {"device": torch.cuda.get_device_name(0) if cuda else "cpu"}
-    for remat in args.remat_options:
+    rows = getattr(args, "rows", None) or [(b, r) for r in args.remat_options for b in args.batch_sizes]
+    for b, remat in rows:
         unet.enable_gradient_checkpointing() if remat else unet.disable_gradient_checkpointing()
-        for b in args.batch_sizes:
-            def step():
-                gt = torch.randn(b, 3, size, size, device=dev)
-                refi = torch.randn(b, 3, ref, ref, device=dev)
-                with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
-                    with torch.no_grad():
-                        z = vae.encode(gt).latent_dist.sample() * 0.18215
-                        zm = vae.encode(gt * 0.5).latent_dist.sample() * 0.18215
-                    c = enc(refi)
-                    t = torch.randint(0, 1000, (b,), device=dev)
-                    n = torch.randn_like(z)
-                    a = alphas[t].view(-1, 1, 1, 1)
-                    m = torch.ones(b, 1, *z.shape[2:], device=dev)
-                    eps = unet(torch.cat([a.sqrt() * z + (1 - a).sqrt() * n, zm, m], 1), t,
-                               encoder_hidden_states=c).sample
-                    loss = torch.nn.functional.mse_loss(eps.float(), n)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if cuda:
-                    torch.cuda.synchronize()
 
-            key = f"bs{b}_remat{int(remat)}"
-            try:
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                t0 = time.perf_counter()
+        def step(b=b):
+            gt = torch.randn(b, 3, size, size, device=dev)
+            refi = torch.randn(b, 3, ref, ref, device=dev)
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
+                with torch.no_grad():
+                    z = vae.encode(gt).latent_dist.sample() * 0.18215
+                    zm = vae.encode(gt * 0.5).latent_dist.sample() * 0.18215
+                c = enc(refi)
+                t = torch.randint(0, 1000, (b,), device=dev)
+                n = torch.randn_like(z)
+                a = alphas[t].view(-1, 1, 1, 1)
+                m = torch.ones(b, 1, *z.shape[2:], device=dev)
+                eps = unet(torch.cat([a.sqrt() * z + (1 - a).sqrt() * n, zm, m], 1), t,
+                           encoder_hidden_states=c).sample
+                loss = torch.nn.functional.mse_loss(eps.float(), n)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+
+        key = f"bs{b}_remat{int(remat)}"
+        try:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            step()
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for _ in range(args.reps):
                 step()
-                first = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                for _ in range(args.reps):
-                    step()
-                dt = (time.perf_counter() - t0) / args.reps
-                out[key] = {"step_s": round(dt, 4), "samples_per_s": round(b / dt, 2), "first_step_s": round(first, 1),
-                            "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
-            except torch.OutOfMemoryError:
-                out[key] = "OutOfMemoryError"
-                torch.cuda.empty_cache()
+            dt = (time.perf_counter() - t0) / args.reps
+            out[key] = {"step_s": round(dt, 4), "samples_per_s": round(b / dt, 2), "first_step_s": round(first, 1),
+                        "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+        except torch.OutOfMemoryError:
+            out[key] = "OutOfMemoryError"
+            torch.cuda.empty_cache()
+        if emit is not None:
+            emit(key, out[key])
     return out
 
 
