@@ -53,7 +53,7 @@ def test_dry_run_runs_every_section_without_grain_or_tfds(tmp_path):
 def test_a_crash_or_a_hang_loses_nothing_else(tmp_path, monkeypatch):
     sections = [accelerator.Section("selftest", "crashes", 1, 60), accelerator.Section("selftest", "hangs", 1, 8),
                 accelerator.Section("selftest", "works", 1, 60)]
-    args = type("Args", (), dict(out=str(tmp_path), budget=None, dry_run=True, size=64, reps=1, jobs=1))()
+    args = type("Args", (), dict(out=str(tmp_path), budget=None, dry_run=True, smoke=False, size=64, reps=1, jobs=1))()
     entries = []
     for sec, behaviour in zip(sections, ("crash", "hang", "ok")):
         monkeypatch.setenv("PBE_SELFTEST", behaviour)
