@@ -94,7 +94,8 @@ def run_jax(args, emit=None) -> dict:
     t0 = time.perf_counter()
     models = random_jax_models(policy) if args.config == "sd14" else load(args.folder, policy=policy)
     pipe = PaintByExample(models)
-    out = {"device": jax.devices()[0].device_kind, "dtype": str(policy.dtype), "load_s": round(time.perf_counter() - t0, 1)}
+    out = {"device": jax.devices()[0].device_kind, "dtype": str(policy.dtype),
+           "load_s": round(time.perf_counter() - t0, 1)}
     for b in args.batch_sizes:
         img, m, ref = inputs(b, args.size)
         first, dt = time_calls(lambda: pipe(img, m, ref, steps=args.steps, guidance_scale=5.0,
