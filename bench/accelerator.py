@@ -187,8 +187,9 @@ def run_section(sec: Section, args, limit: float, out: Path) -> dict:
            "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1")}
     if sec.torch or args.dry_run:
         env["JAX_PLATFORMS"] = "cpu"
-    if args.dry_run:
+    if args.dry_run:  # on the CPU, and compiled with less LLVM optimisation: the run time does not matter
         env["CUDA_VISIBLE_DEVICES"] = ""
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
     if args.jobs > 1:  # one core each: several multi-threaded runtimes on few cores thrash
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                    XLA_FLAGS=(env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip())
