@@ -449,19 +449,20 @@ def _train_section(ctx, batch: int, remat: bool, *extra: str) -> None:
     import train_throughput
     from pbe_jax.train.loop import build_models
 
-    cfg = train_throughput.step_config("tiny" if ctx.dry else "sd14", batch, remat, *extra)
-    if not ctx.dry:
-        cfg = _at_size(cfg, ctx.size)
+    cfg = _config(ctx, batch, remat, *extra)
     emit(device=jax.devices()[0].device_kind, batch=batch, remat=remat, frozen_dtype=cfg.model.frozen_dtype,
          size=cfg.data.image_size)
     emit(step=train_throughput.jax_step(cfg, build_models(cfg) if ctx.dry else train_throughput.full_size_models(),
                                         ctx.reps))
 
 
-def _at_size(cfg, size: int):
-    from pbe_jax.train import config as config_lib
+def _config(ctx, batch: int, remat: bool, *extra: str):
+    """The training config of a section: tiny for --dry-run, else SD-1.4 size at --size."""
+    import train_throughput
 
-    return config_lib.override(cfg, [f"data.image_size={size}"])
+    if ctx.dry:
+        return train_throughput.step_config("tiny", batch, remat, *extra)
+    return train_throughput.step_config("sd14", batch, remat, *extra, size=ctx.size)
 
 
 def section_train_step(ctx) -> None:
@@ -483,9 +484,7 @@ def section_unet_only(ctx) -> None:
     from pbe_jax.train.loop import build_models
 
     b = _pick(ctx, 16, 2)
-    cfg = train_throughput.step_config("tiny" if ctx.dry else "sd14", b, False)
-    if not ctx.dry:
-        cfg = _at_size(cfg, ctx.size)
+    cfg = _config(ctx, b, False)
     emit(device=jax.devices()[0].device_kind, batch=b)
     unet = build_models(cfg).unet if ctx.dry else train_throughput.full_size_models(("unet",)).unet
     emit(step=train_throughput.unet_only(unet, cfg, b, ctx.reps))
@@ -542,7 +541,6 @@ def section_profile(ctx) -> None:
     import jax.numpy as jnp
     from flax import nnx
 
-    import train_throughput
     from pbe_jax.diffusion import guided
     from pbe_jax.models import Policy
     from pbe_jax.pipeline import default_dtype
@@ -550,7 +548,7 @@ def section_profile(ctx) -> None:
 
     b = _pick(ctx, 16, 2)
     if ctx.dry:
-        cfg = train_throughput.step_config("tiny", b, False)
+        cfg = _config(ctx, b, False)
         unet = build_models(cfg).unet
         lat = cfg.data.image_size // 4
     else:
@@ -565,8 +563,8 @@ def section_profile(ctx) -> None:
     extra = jax.random.normal(k[1], (b, lat, lat, 5))
     cond, uncond = jax.random.normal(k[2], (b, 1, ctx_dim)), jax.random.normal(k[3], (b, 1, ctx_dim))
 
-    @jax.jit
-    def step(state, x, t):
+    @jax.jit  # every array an argument: nothing is baked into the program as a constant
+    def step(state, x, t, extra, cond, uncond):
         net = nnx.merge(graphdef, state)
 
         def eps_fn(z, t, context):
@@ -574,18 +572,18 @@ def section_profile(ctx) -> None:
 
         return guided(eps_fn, cond, uncond, 5.0, True)(x, t)
 
-    t = jnp.asarray(500)
-    jax.block_until_ready(step(state, x, t))
+    args = (state, x, jnp.asarray(500), extra, cond, uncond)
+    jax.block_until_ready(step(*args))
     t0 = time.perf_counter()
     for _ in range(3):
-        out = step(state, x, t)
+        out = step(*args)
     jax.block_until_ready(out)
     step_ms = (time.perf_counter() - t0) / 3 * 1e3
     emit(device=jax.devices()[0].device_kind, batch=b, step_ms=round(step_ms, 2))
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             for _ in range(3):
-                out = step(state, x, t)
+                out = step(*args)
             jax.block_until_ready(out)
         track, ops = summarise_trace(next(Path(tmp).rglob("perfetto_trace.json.gz")), calls=3)
     emit(track=track, top_ops=ops)

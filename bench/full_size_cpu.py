@@ -31,8 +31,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 def fingerprint(tree) -> list[tuple[float, np.ndarray]]:
     """Per leaf: the float64 sum and a strided sample of 256 values (enough to see any update)."""
+    import jax
+
     out = []
-    for leaf in __import__("jax").tree.leaves(tree):
+    for leaf in jax.tree.leaves(tree):
         a = np.asarray(leaf).astype(np.float32).ravel()
         out.append((float(a.astype(np.float64).sum()), a[:: max(1, a.size // 256)].copy()))
     return out
@@ -66,8 +68,7 @@ def step(args) -> dict:
 
     release_freed_memory()
     say = lambda what: print(f"{what}: host memory {peak_rss_gib():.2f} GiB peak", file=sys.stderr, flush=True)  # noqa: E731
-    cfg = train_throughput.step_config("sd14", 1, True, "model.frozen_dtype=bfloat16",
-                                       f"data.image_size={args.size}")
+    cfg = train_throughput.step_config("sd14", 1, True, "model.frozen_dtype=bfloat16", size=args.size)
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
     t0 = time.perf_counter()  # compiled from shapes first, so compilation's memory is gone before the weights come
     shapes = abstract_trainer(cfg, mesh=mesh)
@@ -117,7 +118,7 @@ def memory(args) -> list[dict]:
     rows = []
     for remat in {"off": [False], "on": [True], "both": [False, True]}[args.remat]:
         for b in (int(v) for v in args.batches.split(",")):
-            cfg = train_throughput.step_config("sd14", b, remat, f"data.image_size={args.size}")
+            cfg = train_throughput.step_config("sd14", b, remat, size=args.size)
             trainer = abstract_trainer(cfg, mesh=parallel.make_mesh(devices=jax.devices()[:1]))
             t0 = time.perf_counter()
             compiled = trainer.step_fn.lower(trainer.state, batch_spec(cfg)).compile()

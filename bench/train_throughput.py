@@ -38,6 +38,8 @@ def batch(b: int, size: int, ref: int, seed: int = 0) -> dict:
 
 
 def timed(fn, state, args, reps):
+    """(first call's seconds, compilation included unless already compiled; mean seconds per call after it;
+    the last call's output)."""
     import jax
 
     t0 = time.perf_counter()
@@ -48,7 +50,7 @@ def timed(fn, state, args, reps):
     for _ in range(reps):
         state, out = fn(state, *args)
     jax.block_until_ready(out)
-    return first, (time.perf_counter() - t0) / reps
+    return first, (time.perf_counter() - t0) / reps, out
 
 
 def run_jax(args) -> dict:
@@ -77,13 +79,16 @@ def peak_tflops(dev) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in dev.device_kind), None)
 
 
-def step_config(config: str, b: int, remat: bool, *extra: str):
-    """The named config (sd14: full size, random init) at batch b, with remat on or off."""
+def step_config(config: str, b: int, remat: bool, *extra: str, size: int | None = None):
+    """The named config (sd14: full size, random init) at batch b, with remat on or off (and images of
+    `size`² instead of the config's)."""
     from pbe_jax.train import config as config_lib
 
     overrides = [f"data.batch_size={b}", f"model.remat={remat}", "optim.warmup_steps=1", *extra]
     if config == "sd14":
         overrides.append("model.init=scratch")
+    if size:
+        overrides.append(f"data.image_size={size}")
     return config_lib.override(config_lib.load(config), overrides)
 
 
@@ -119,13 +124,11 @@ def jax_step(cfg, models, reps: int) -> dict:
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     flops = (cost[0] if isinstance(cost, list) else cost or {}).get("flops")
-    state, metrics = compiled(trainer.state, x)
-    loss = float(metrics["loss"])
-    _, dt = timed(compiled, state, (x,), reps)  # the executable compiled above
+    _, dt, metrics = timed(compiled, trainer.state, (x,), reps)  # the executable compiled above
     stats = dev.memory_stats() or {}
     peak = peak_tflops(dev)
     row = {"step_s": round(dt, 4), "samples_per_s": round(b / dt, 2), "compile_s": round(compile_s, 1),
-           "loss": loss, "peak_GiB": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2) or None,
+           "loss": float(metrics["loss"]), "peak_GiB": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2) or None,
            "compiled_GiB": round(compiled_bytes(compiled) / 2**30, 2),
            "tflops": round(flops / dt / 1e12, 1) if flops else None}
     if flops and peak:
@@ -147,11 +150,11 @@ def unet_only(unet, cfg, b: int, reps: int) -> dict:
     import optax
     from flax import nnx
 
+    from pbe_jax.models import VAEConfig
+
     dev = jax.devices()[0]
     graphdef, params = nnx.split(unet)
     opt = optax.adamw(1e-5)
-    from pbe_jax.models import VAEConfig
-
     vae = VAEConfig.from_dict(cfg.model.vae, "model.vae")
     lat = cfg.data.image_size // 2 ** (len(vae.block_out_channels) - 1)
     k = jax.random.key(0)
@@ -172,7 +175,7 @@ def unet_only(unet, cfg, b: int, reps: int) -> dict:
 
     # Committed to `dev` as a whole, so that the step's outputs fed back in match its inputs (no recompile).
     state = jax.device_put((params, opt.init(params)), dev)
-    first, dt = timed(step, state, (None,), reps)
+    first, dt, _ = timed(step, state, (None,), reps)
     stats = dev.memory_stats() or {}
     return {"step_s": round(dt, 4), "samples_per_s": round(b / dt, 2), "first_step_s": round(first, 1),
             "peak_GiB": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2) or None}

@@ -117,23 +117,13 @@ class Trainer:
 
 def build_trainer(cfg: TrainConfig, models: convert.PaintByExampleModels | None = None,
                   mesh: jax.sharding.Mesh | None = None) -> Trainer:
-    mesh = mesh or parallel.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
-    models = models or build_models(cfg)
-    models.unet.remat = cfg.model.remat
-    graphdef, params, frozen = train_state.split(models, cfg.model.trainable, jnp.dtype(cfg.model.frozen_dtype))
-    optimizer = train_state.make_optimizer(cfg.optim)
-    state = train_state.create(params, frozen, optimizer, ema=cfg.ema_decay > 0, seed=cfg.seed)
-    shardings = parallel.tree_shardings(state, mesh)
-    state = jax.device_put(state, shardings)
-    step_fn = _jit_step(cfg, graphdef, optimizer, models, shardings, mesh)
-    return Trainer(cfg, graphdef, state, mesh, step_fn, shardings, dict(models.extra_configs))
+    return _trainer(cfg, models or build_models(cfg), mesh, abstract=False)
 
 
 def abstract_trainer(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> Trainer:
     """The Trainer `build_trainer(cfg)` makes for `model.init=scratch`, with shapes only: its state's leaves
     are `jax.ShapeDtypeStruct`s and no weight is drawn or allocated, so the real step can be lowered and
     compiled at full size (`trainer.step_fn.lower(trainer.state, batch_spec(cfg))`) on any machine."""
-    mesh = mesh or parallel.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
     m = cfg.model
     policy = Policy(dtype=jnp.dtype(m.dtype), attention_backend=m.attention)
     nets = {}
@@ -142,15 +132,35 @@ def abstract_trainer(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) ->
                          ("image_encoder", CLIPVisionConfig.from_dict(m.image_encoder, "model.image_encoder"))):
         graphdef, flat = mapping.abstract_model(convert.COMPONENTS[name].model, config, policy)
         nets[name] = nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))
-    models = convert.PaintByExampleModels(**nets, extra_configs=_scratch_extras(cfg))
-    models.unet.remat = m.remat
-    graphdef, params, frozen = train_state.split(models, m.trainable, jnp.dtype(m.frozen_dtype))
+    return _trainer(cfg, convert.PaintByExampleModels(**nets, extra_configs=_scratch_extras(cfg)), mesh,
+                    abstract=True)
+
+
+def _trainer(cfg: TrainConfig, models: convert.PaintByExampleModels, mesh: jax.sharding.Mesh | None, *,
+             abstract: bool) -> Trainer:
+    """The state (trainable params, frozen towers in model.frozen_dtype, optimiser, EMA), its shardings and the
+    jitted step; with `abstract` the state is shapes only (`jax.eval_shape`), otherwise placed on the mesh."""
+    mesh = mesh or parallel.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
+    models.unet.remat = cfg.model.remat
+    graphdef, params, frozen = train_state.split(models, cfg.model.trainable)
     optimizer = train_state.make_optimizer(cfg.optim)
-    state = jax.eval_shape(lambda p, f: train_state.create(p, f, optimizer, ema=cfg.ema_decay > 0, seed=cfg.seed),
-                           params, frozen)
+    frozen_dtype = jnp.dtype(cfg.model.frozen_dtype)
+
+    def make(params, frozen):
+        frozen = jax.tree.map(lambda a: a.astype(frozen_dtype), frozen)
+        return train_state.create(params, frozen, optimizer, ema=cfg.ema_decay > 0, seed=cfg.seed)
+
+    state = jax.eval_shape(make, params, frozen) if abstract else make(params, frozen)
     shardings = parallel.tree_shardings(state, mesh)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
-    step_fn = _jit_step(cfg, graphdef, optimizer, models, shardings, mesh)
+    if abstract:
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+    else:
+        state = jax.device_put(state, shardings)
+    schedule = NoiseSchedule.from_config(models.extra_configs.get("scheduler"))
+    batch_sharding = jax.sharding.NamedSharding(mesh, parallel.BATCH)
+    step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
+                                        cfg=StepConfig.from_train_config(cfg)),
+                      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
     return Trainer(cfg, graphdef, state, mesh, step_fn, shardings, dict(models.extra_configs))
 
 
@@ -160,15 +170,6 @@ def batch_spec(cfg: TrainConfig, batch_size: int | None = None) -> dict[str, jax
     return {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8),
             "reference": jax.ShapeDtypeStruct((b, r, r, 3), jnp.uint8),
             "box": jax.ShapeDtypeStruct((b, 4), jnp.float32), "box_ext": jax.ShapeDtypeStruct((b, 4), jnp.float32)}
-
-
-def _jit_step(cfg: TrainConfig, graphdef, optimizer, models, shardings, mesh):
-    schedule = NoiseSchedule.from_config(models.extra_configs.get("scheduler"))
-    step_cfg = StepConfig.from_train_config(cfg)
-    batch_sharding = jax.sharding.NamedSharding(mesh, parallel.BATCH)
-    return jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
-                                     cfg=step_cfg),
-                   in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
 
 
 def _sample_grid(trainer: Trainer, models: convert.PaintByExampleModels, batch: dict, steps: int) -> np.ndarray:

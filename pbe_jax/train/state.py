@@ -49,24 +49,16 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm > 0 else adamw
 
 
-def split(models: PaintByExampleModels, trainable: tuple[str, ...], frozen_dtype=jnp.float32):
-    """graphdef, trainable params, frozen params. Raises if a prefix selects nothing (a typo would silently
-    freeze the model otherwise)."""
+def split(models: PaintByExampleModels, trainable: tuple[str, ...]):
+    """graphdef, trainable params, frozen params (as stored in the models; the trainer casts them to
+    model.frozen_dtype). Raises if a prefix selects nothing (a typo would silently freeze the model otherwise)."""
     nets = Nets(models)
     graphdef, params, frozen = nnx.split(nets, trainable_filter(trainable), ...)
     flat = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(params)]
     for prefix in trainable:
         if not any(name == prefix or name.startswith(prefix + ".") for name in flat):
             raise ValueError(f"trainable prefix {prefix!r} matches no parameter")
-    frozen = jax.tree.map(lambda a: _cast(a, frozen_dtype), frozen)
     return graphdef, params, frozen
-
-
-def _cast(a, dtype):
-    """`a` in `dtype`; a shape-only leaf (jax.ShapeDtypeStruct, from eval_shape) stays shape-only."""
-    if isinstance(a, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(a.shape, dtype)
-    return a.astype(dtype)
 
 
 def create(params, frozen, optimizer: optax.GradientTransformation, *, ema: bool, seed: int) -> TrainState:
