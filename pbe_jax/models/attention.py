@@ -1,6 +1,8 @@
 """Scaled dot-product attention with a selectable backend, and the diffusers-style attention layer.
 
-Layout (batch, length, heads, head_dim) throughout, as `jax.nn.dot_product_attention` takes it.
+Layout (batch, length, heads, head_dim) throughout, as `jax.nn.dot_product_attention` takes it. Backends:
+`xla` (materialised softmax), `cudnn` (flash attention on GPU), `splash` (the Pallas TPU splash-attention
+kernel, for long self-attention; `pbe_jax.models.splash`), `auto` (cudnn on GPU, splash on TPU, else xla).
 """
 from __future__ import annotations
 
@@ -8,22 +10,31 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pbe_jax.models import splash
 from pbe_jax.models.layers import Policy, linear
 
-BACKENDS = ("auto", "xla", "cudnn")
+BACKENDS = ("auto", "xla", "cudnn", "splash")
 
 
-def resolve_backend(backend: str, q: jax.Array) -> str:
-    """The implementation `backend` means for a query like `q`: "auto" takes cuDNN flash attention on a
-    GPU when the dtype and head size allow it (half precision, head_dim a multiple of 8 up to 128)."""
+def resolve_backend(backend: str, q: jax.Array, kv_length: int | None = None) -> str:
+    """The implementation `backend` means for a query like `q` and a key sequence of `kv_length` (default:
+    self-attention). "auto" takes cuDNN flash attention on a GPU when the dtype and head size allow it (half
+    precision, head_dim a multiple of 8 up to 128), and splash on a TPU for self-attention of at least
+    `splash.MIN_LENGTH` tokens. "splash" keeps shorter or cross-attention on xla, where a kernel would only
+    add padding."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
+    long_self = q.shape[1] >= splash.MIN_LENGTH and (kv_length is None or kv_length == q.shape[1])
+    if backend == "splash":
+        return "splash" if long_self else "xla"
     if backend != "auto":
         return backend
+    platform = jax.default_backend()
+    if platform == "tpu" and long_self:
+        return "splash"
     head_dim = q.shape[-1]
-    on_gpu = jax.default_backend() == "gpu"
     half = q.dtype in (jnp.bfloat16, jnp.float16)
-    return "cudnn" if on_gpu and half and head_dim <= 128 and head_dim % 8 == 0 else "xla"
+    return "cudnn" if platform == "gpu" and half and head_dim <= 128 and head_dim % 8 == 0 else "xla"
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "auto") -> jax.Array:
@@ -35,8 +46,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: 
     """
     if k.shape[1] == 1:
         return jnp.broadcast_to(v, q.shape[:2] + v.shape[2:]).astype(q.dtype)
-    if resolve_backend(backend, q) == "cudnn":
+    chosen = resolve_backend(backend, q, k.shape[1])
+    if chosen == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    if chosen == "splash":
+        return splash.attention(q, k, v)
     return _xla_attention(q, k, v)
 
 
