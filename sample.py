@@ -11,6 +11,11 @@ One edit of your own:
 Many (resumable; outputs are OUT/<id>.png):
     python sample.py --pretrained DIR --batch manifest.jsonl --out results/
     python sample.py --pretrained DIR --batch COCOEE_DIR --out results/
+On several hosts (each runs the same command; every job is done once, the pictures are those of a one-host
+run, each host resumes its own share, and the failures of all hosts end up in OUT/failures.jsonl):
+    python sample.py --pretrained gs://b/model --batch gs://b/COCOEE --out gs://b/results --distributed
+    python sample.py ... --shard 3/8          # host 3 of 8, for hosts without JAX's collectives
+Any path may be local or in a bucket (gs://...).
 
 Real, SD-sized weights: DIR is a diffusers Paint-by-Example folder (e.g. a local copy of
 Fantasy-Studio/Paint-by-Example, 512² images), a checkpoint written by `python -m pbe_jax.convert`, or a Hub
@@ -21,6 +26,7 @@ source/ (or GT_*), mask/ (or Mask_*) and reference/ (or Ref_*) subfolders whose 
 Masks: white = the region to replace.
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -55,6 +61,12 @@ def parse_args(argv=None):
     p.add_argument("--keep-unmasked", action="store_true", help="paste the source back outside the mask")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    p.add_argument("--distributed", action="store_true",
+                   help="batch: this is one of several hosts; call jax.distributed.initialize() (found by itself on "
+                        "TPU pod slices; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) "
+                        "and edit this process's share of the jobs")
+    p.add_argument("--shard", metavar="I/N", help="batch: edit only share I of N (0 ≤ I < N), without collectives; "
+                                                 "the last shard to finish writes the failures summary")
     args = p.parse_args(argv)
     single = [args.image, args.mask, args.reference]
     if args.batch and any(single):
@@ -68,62 +80,114 @@ def parse_args(argv=None):
         p.error("--batch needs --out, the results folder")
     if args.samples < 1 or (args.batch and args.samples != 1):
         p.error("--samples must be ≥ 1, and is for one edit only")
+    if (args.distributed or args.shard) and not args.batch:
+        p.error("--distributed and --shard split a --batch run")
+    if args.distributed and args.shard:
+        p.error("give --distributed or --shard, not both")
+    if args.shard:
+        from pbe_jax.batch import parse_shard
+
+        try:
+            args.shard = parse_shard(args.shard)
+        except ValueError as e:
+            p.error(f"--{e}")
     args.out = args.out or str(DEFAULT_OUT)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tqdm import tqdm
-
-    from pbe_jax import batch, images, parallel
+    from pbe_jax import parallel
     from pbe_jax.pipeline import PaintByExample
 
+    if args.distributed:
+        parallel.initialize_distributed()  # before anything touches a device
     try:
         pipe = PaintByExample.from_pretrained(args.pretrained, dtype=args.dtype, mesh=parallel.data_mesh())
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # missing folder or file, unreachable bucket, weights or config errors
         print(f"error: {e}", file=sys.stderr)
         return 1
     size = args.size or pipe.default_size
     options = dict(steps=args.steps, guidance_scale=args.scale, sampler=args.sampler, eta=args.eta,
                    height=size, width=size, keep_unmasked=args.keep_unmasked)
+    return (run_batch if args.batch else edit_one)(args, pipe, options)
 
-    if not args.batch:
-        try:
-            job = batch.Job("single", Path(args.image), Path(args.mask), Path(args.reference))
-            source, mask, reference = batch.check_inputs(job)
-        except images.ImageError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        results = pipe(source, mask, reference, seed=args.seed, num_images_per_reference=args.samples, **options)
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        paths = [out] + [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(1, len(results))]
-        for result, path in zip(results, paths):
-            batch.save_png(result, path)
-        grid_path = out.with_name(out.stem + "_grid.png")
-        picture = batch.grid(images.resize_rgb(source, (size, size)), images.resize_mask(mask, (size, size)),
-                             reference, *results)
-        batch.save_png(batch.enlarge(picture, GRID_HEIGHT), grid_path)
-        out = ", ".join(map(str, paths))
-        print(f"wrote {out} and {grid_path}")
-        return 0
 
+def edit_one(args, pipe, options) -> int:
+    from pbe_jax import batch, images, storage
+
+    size = options["height"]
     try:
-        jobs = batch.load_jobs(Path(args.batch))
-    except (FileNotFoundError, ValueError) as e:
+        job = batch.Job("single", storage.path(args.image), storage.path(args.mask), storage.path(args.reference))
+        source, mask, reference = batch.check_inputs(job)
+    except images.ImageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    results = pipe(source, mask, reference, seed=args.seed, num_images_per_reference=args.samples, **options)
+    out = storage.path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] + [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(1, len(results))]
+    for result, path in zip(results, paths):
+        batch.save_png(result, path)
+    grid_path = out.with_name(out.stem + "_grid.png")
+    picture = batch.grid(images.resize_rgb(source, (size, size)), images.resize_mask(mask, (size, size)),
+                         reference, *results)
+    batch.save_png(batch.enlarge(picture, GRID_HEIGHT), grid_path)
+    print(f"wrote {', '.join(map(str, paths))} and {grid_path}")
+    return 0
+
+
+def run_batch(args, pipe, options) -> int:
+    import jax
+    from tqdm import tqdm
+
+    from pbe_jax import batch, parallel, storage
+
+    shard = (jax.process_index(), jax.process_count()) if args.distributed else args.shard or (0, 1)
+    out = storage.path(args.out)
+    try:
+        storage.check_reachable(out)
+        jobs = batch.load_jobs(args.batch)
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
     def edit(sources, masks, refs, seeds):
         return pipe(sources, masks, refs, seed=seeds, **options)
 
-    stats = batch.run(jobs, Path(args.out), edit, batch_size=args.batch_size, seed=args.seed,
-                      progress=lambda total: tqdm(total=total, unit="img", desc="editing"))
-    failures = f" (see {Path(args.out) / 'failures.jsonl'})" if stats["failed"] else ""
-    print(f"{stats['written']} written, {stats['skipped_done']} already done, {stats['failed']} failed{failures} "
-          f"in {stats['seconds']} s")
+    index, count = shard
+    desc = "editing" if count == 1 else f"editing (shard {index}/{count})"
+    stats = batch.run(jobs, out, edit, batch_size=args.batch_size, seed=args.seed, shard=shard,
+                      progress=lambda total: tqdm(total=total, unit="img", desc=desc))
+    line = f"{stats['written']} written, {stats['skipped_done']} already done, {stats['failed']} failed"
+    if count == 1:
+        failures = f" (see {out / 'failures.jsonl'})" if stats["failed"] else ""
+        print(f"{line}{failures} in {stats['seconds']} s")
+        return 0
+    print(f"shard {index}/{count}: {line} in {stats['seconds']} s")
+    if args.distributed:  # every host's counts and failures, gathered; host 0 writes the summary
+        everyone = parallel.gather_json({k: stats[k] for k in ("written", "skipped_done", "failed", "failures")})
+        if index == 0:
+            summarise(out, jobs, everyone)
+        return 0
+    batch.shard_done(out, shard)
+    records = batch.collect_shard_failures(out, count)
+    if records is None:
+        print(f"the failures of all {count} shards go to {out / 'failures.jsonl'} when the last one finishes")
+    else:
+        summarise(out, jobs, [{"failures": records}])
     return 0
+
+
+def summarise(out, jobs, shards: list[dict]) -> None:
+    from pbe_jax import batch
+
+    records = [r for s in shards for r in s["failures"]]
+    path = batch.write_summary(out, jobs, records)
+    totals = {k: sum(s[k] for s in shards) for k in ("written", "skipped_done", "failed") if k in shards[0]}
+    counts = ", ".join(f"{v} {k.replace('skipped_done', 'already done')}" for k, v in totals.items())
+    print(f"all shards: {counts + '; ' if counts else ''}{len(records)} failed in all, listed in {path}"
+          + (": " + json.dumps([r["id"] for r in records[:10]]) if records else ""))
 
 
 if __name__ == "__main__":

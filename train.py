@@ -7,15 +7,22 @@
     python train.py --config tiny --workdir runs/tiny --resume           # continue after an interruption
     python train.py --workdir runs/tiny --export                         # a diffusers folder from the
     python train.py --workdir runs/tiny --export 2000                    # latest checkpoint, or step 2000
+    python train.py --config sd14 --workdir gs://bucket/runs/sd14 distributed=True ...   # every host of a
+                                                                         # TPU pod slice runs the same line
 
 Overrides are KEY=VALUE with dotted keys into the config (values are Python literals, else strings):
 data.batch_size=32, optim.lr=2e-5, model.remat=True, mesh_fsdp=8, steps=1000, ... Named configs live
-in configs/; `--show-config` prints the resolved one. The run writes, under --workdir: checkpoints/
-(orbax, last N, resumable), metrics.jsonl, tensorboard/, samples/ (grids every sample_every steps) and
-export/ (a diffusers folder at the end).
+in configs/; `--show-config` prints the resolved one. The run writes, under --workdir (a local folder or
+gs://bucket/...): checkpoints/ (orbax, last N, resumable), metrics.jsonl, tensorboard/, samples/ (grids every
+sample_every steps) and export/ (a diffusers folder at the end).
+
+SIGTERM (a preemption notice) finishes the current step, checkpoints it (every process agreeing on the step),
+prints the command that resumes and exits with status 0. Exit status 1: bad arguments, config or storage;
+2: the loss diverged (the last good checkpoint is kept).
 """
 import argparse
 import json
+import shlex
 import sys
 
 
@@ -51,13 +58,18 @@ def main(argv=None) -> int:
         return 0
 
     from pbe_jax.train.loop import TrainingDiverged, train
+    from pbe_jax.train.preemption import Preempted
 
     try:
         metrics = train(cfg, args.workdir, resume=args.resume)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except FileExistsError as e:
+    except Preempted as e:
+        again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+        print(f"{e}; resume with: {shlex.join(['python', 'train.py', *again, '--resume'])}", flush=True)
+        return 0
+    except OSError as e:  # an existing run without --resume, a missing folder, an unreachable bucket
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"done: {json.dumps(metrics)}")
@@ -72,7 +84,7 @@ def export(workdir: str, step: str, out: str | None) -> int:
 
     try:
         done, folder = export_checkpoint(workdir, None if step == "latest" else int(step), out)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {folder} (step {done})")

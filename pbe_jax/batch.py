@@ -1,18 +1,19 @@
-"""Editing many images: jobs from a JSONL manifest or a COCOEE-layout folder, batches over all local
-devices, resumable (finished outputs are skipped), and no input able to stop the run or lose its results."""
+"""Editing many images: jobs from a JSONL manifest or a COCOEE-layout folder (local or in a bucket), batches
+over all local devices, resumable (finished outputs are skipped), split into shards for several hosts, and no
+input able to stop the run or lose its results."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import os
 import time
-from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
 
-from pbe_jax import images
+from pbe_jax import images, storage
+from pbe_jax.storage import Path, PathLike
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 # COCOEE folder names: this project's and the Paint-by-Example release's (test_bench/GT_3500 etc.), and the
@@ -31,18 +32,18 @@ class Job:
 
 def read_manifest(path: Path) -> list[Job]:
     """JSONL, one edit per line: {"source": ..., "mask": ..., "reference": ..., "id": optional}; relative
-    paths are relative to the manifest."""
-    path = Path(path)
+    paths are relative to the manifest (a path with a scheme, gs://…, is taken as it is)."""
+    path = storage.path(path)
     jobs, seen = [], set()
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            paths = {k: (path.parent / row[k]) for k in ("source", "mask", "reference")}
+            paths = {k: path.parent / row[k] for k in ("source", "mask", "reference")}
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}:{n}: expected a JSON object with source, mask and reference paths ({e})")
-        job_id = str(row.get("id", Path(row["source"]).stem))
+        job_id = str(row.get("id", storage.path(row["source"]).stem))
         if job_id in seen:
             raise ValueError(f"{path}:{n}: id {job_id!r} appears twice; give each line a unique \"id\"")
         seen.add(job_id)
@@ -59,7 +60,7 @@ def _strip_id(stem: str) -> str:
 
 def read_layout(folder: Path) -> list[Job]:
     """A COCOEE-layout folder: source, mask and reference subfolders whose files share an id."""
-    folder = Path(folder)
+    folder = storage.path(folder)
     subdirs = {}
     for role, prefixes in LAYOUT.items():
         found = [d for d in sorted(folder.iterdir()) if d.is_dir() and d.name.startswith(prefixes)]
@@ -76,8 +77,8 @@ def read_layout(folder: Path) -> list[Job]:
     return [Job(i, files["source"][i], files["mask"][i], files["reference"][i]) for i in ids]
 
 
-def load_jobs(spec: Path) -> list[Job]:
-    spec = Path(spec)
+def load_jobs(spec: PathLike) -> list[Job]:
+    spec = storage.path(spec)
     if spec.is_dir():
         return read_layout(spec)
     if spec.is_file():
@@ -85,22 +86,16 @@ def load_jobs(spec: Path) -> list[Job]:
     raise FileNotFoundError(f"{spec}: neither a manifest file nor a folder")
 
 
-def output_path(out_dir: Path, job: Job) -> Path:
-    return Path(out_dir) / f"{job.id}.png"
+def output_path(out_dir: PathLike, job: Job) -> Path:
+    return storage.path(out_dir) / f"{job.id}.png"
 
 
-def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """`write(tmp)`, then `tmp` renamed to `path`: a crash leaves the old file or the new one, never a
-    half-written file that a resumed run would take as finished."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def save_png(image: np.ndarray, path: Path) -> None:
-    """Atomic (`write_atomically`)."""
-    write_atomically(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+def save_png(image: np.ndarray, path: PathLike) -> None:
+    """All or nothing (`storage.write_bytes`): never a half-written file that a resumed run would take as
+    finished."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    storage.write_bytes(path, buffer.getvalue())
 
 
 def check_inputs(job: Job) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -119,19 +114,50 @@ def batches(jobs: list[Job], size: int) -> Iterator[list[Job]]:
         yield jobs[i:i + size]
 
 
-def run(jobs: list[Job], out_dir: Path, edit: Callable[[list, list, list, list[int]], np.ndarray], *,
-        batch_size: int, seed: int, progress: Callable[[Iterable], Iterable] | None = None) -> dict:
-    """Edit every job whose output does not exist yet. `edit(sources, masks, references, seeds)` returns
-    uint8 images. Each job's seed is `seed` + its index in the full job list, so a resumed or re-batched run
-    gives the same pictures. Unreadable inputs are skipped and recorded in failures.jsonl."""
-    out_dir = Path(out_dir)
+def parse_shard(spec: str) -> tuple[int, int]:
+    """"I/N" → (I, N), 0 ≤ I < N."""
+    try:
+        index, count = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"shard {spec!r}: expected I/N, e.g. 0/8") from None
+    if not 0 <= index < count:
+        raise ValueError(f"shard {spec!r}: I must be in 0..N-1")
+    return index, count
+
+
+def shard_of(jobs: list[Job], index: int, count: int) -> list[Job]:
+    """Shard `index` of `count`: every count-th job from the index-th, by position in the full list (the
+    manifest's order, or a folder's sorted ids). The shards are disjoint, cover the list, and differ in size
+    by at most one; each host can work out its own without talking to the others."""
+    return jobs[index::count]
+
+
+def failures_file(shard: tuple[int, int]) -> str:
+    index, count = shard
+    return "failures.jsonl" if count == 1 else f"failures.{index}-of-{count}.jsonl"
+
+
+def run(jobs: list[Job], out_dir: PathLike, edit: Callable[[list, list, list, list[int]], np.ndarray], *,
+        batch_size: int, seed: int, progress: Callable[..., Iterable] | None = None,
+        shard: tuple[int, int] = (0, 1)) -> dict:
+    """Edit every job of `shard` (index, count) whose output does not exist yet. `edit(sources, masks,
+    references, seeds)` returns uint8 images, and is always given `batch_size` rows. Each job's seed is `seed` +
+    its index in the full job list, so a resumed or sharded run gives the same pictures (with the same
+    `batch_size`). Unreadable inputs are skipped and recorded in
+    this run's failures file (`failures_file(shard)`, rewritten by each run: every job without an output is
+    tried again). Returns counts and the failure records."""
+    out_dir = storage.path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     index = {job.id: i for i, job in enumerate(jobs)}
-    todo = [j for j in jobs if not output_path(out_dir, j).exists()]
-    stats = {"total": len(jobs), "skipped_done": len(jobs) - len(todo), "written": 0, "failed": 0}
+    mine = shard_of(jobs, *shard)
+    finished = storage.names(out_dir)  # one listing, not a request per job (buckets)
+    todo = [j for j in mine if output_path(out_dir, j).name not in finished]
+    stats = {"total": len(mine), "skipped_done": len(mine) - len(todo), "written": 0, "failed": 0}
+    records = []
     bar = progress(total=len(todo)) if progress else None
     t0 = time.perf_counter()
-    with open(out_dir / "failures.jsonl", "a") as failures:
+    failures = storage.AppendLog(out_dir / failures_file(shard), append=False)
+    try:
         for chunk in batches(todo, batch_size):
             ready, arrays = [], []
             for job in chunk:
@@ -139,22 +165,58 @@ def run(jobs: list[Job], out_dir: Path, edit: Callable[[list, list, list, list[i
                     arrays.append(check_inputs(job))
                     ready.append(job)
                 except images.ImageError as e:
-                    failures.write(json.dumps({"id": job.id, "error": str(e)}) + "\n")
-                    failures.flush()
+                    records.append({"id": job.id, "error": str(e)})
+                    failures.write(json.dumps(records[-1]) + "\n")
                     stats["failed"] += 1
             if ready:
-                sources, masks, refs = (list(x) for x in zip(*arrays))
-                results = edit(sources, masks, refs, [seed + index[j.id] for j in ready])
+                # Always batch_size rows (the last job repeated): one compiled shape for the whole run, and a
+                # picture that depends on its job and the batch size only, not on how many jobs were ready
+                # around it (XLA's arithmetic can differ in the last bit between batch shapes).
+                rows = [*arrays, *[arrays[-1]] * (batch_size - len(arrays))]
+                seeds = [seed + index[j.id] for j in ready]
+                sources, masks, refs = (list(x) for x in zip(*rows))
+                results = edit(sources, masks, refs, seeds + [seeds[-1]] * (batch_size - len(seeds)))
                 for job, image in zip(ready, results):
                     save_png(image, output_path(out_dir, job))
                     stats["written"] += 1
             if bar is not None:
                 bar.update(len(chunk))
                 bar.set_postfix(img_per_s=f"{stats['written'] / (time.perf_counter() - t0):.2f}")
-    if bar is not None:
-        bar.close()
+    finally:
+        failures.close()
+        if bar is not None:
+            bar.close()
     stats["seconds"] = round(time.perf_counter() - t0, 2)
+    stats["failures"] = records
     return stats
+
+
+def write_summary(out_dir: PathLike, jobs: list[Job], records: list[dict]) -> Path:
+    """Every shard's failures in one `failures.jsonl`, in job order, for the whole run."""
+    order = {job.id: i for i, job in enumerate(jobs)}
+    path = storage.path(out_dir) / "failures.jsonl"
+    storage.write_text(path, "".join(json.dumps(r) + "\n" for r in sorted(records, key=lambda r: order[r["id"]])))
+    return path
+
+
+def _done_marker(out_dir: PathLike, index: int, count: int) -> Path:
+    return storage.path(out_dir) / f".shard.{index}-of-{count}.done"
+
+
+def shard_done(out_dir: PathLike, shard: tuple[int, int]) -> None:
+    """Mark `shard` finished: its failures file is then complete."""
+    storage.write_text(_done_marker(out_dir, *shard), "")
+
+
+def collect_shard_failures(out_dir: PathLike, count: int) -> list[dict] | None:
+    """For `--shard` runs, which cannot talk to each other: every shard's failure records from the shards'
+    files, or None while some shard has not finished (`shard_done`)."""
+    out_dir = storage.path(out_dir)
+    storage.refresh(out_dir)  # the other shards' markers were written by other processes
+    if not all(_done_marker(out_dir, i, count).exists() for i in range(count)):
+        return None
+    return [json.loads(line) for i in range(count)
+            for line in (out_dir / failures_file((i, count))).read_text().splitlines() if line.strip()]
 
 
 def grid(source: np.ndarray, mask: np.ndarray, reference: np.ndarray, *results: np.ndarray) -> np.ndarray:

@@ -3,11 +3,13 @@ reference preprocessing of the reference pipeline, and pasting the source back o
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+import os
 from typing import Any, Mapping
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from pbe_jax import storage
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -17,11 +19,11 @@ class ImageError(ValueError):
     """An input image that cannot be used; the message names the file or the argument."""
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file; 16-bit and float modes are scaled to 8 bits, so any common file gives an image
-    that `to_rgb`/`to_mask` accept."""
+def load_image(path: storage.PathLike) -> Image.Image:
+    """Open an image file (local or in a bucket); 16-bit and float modes are scaled to 8 bits, so any common
+    file gives an image that `to_rgb`/`to_mask` accept."""
     try:
-        with Image.open(path) as im:
+        with Image.open(storage.local_or_buffer(path)) as im:
             im.load()
     except (OSError, UnidentifiedImageError) as e:
         raise ImageError(f"{path}: cannot read image ({e})") from e
@@ -51,7 +53,7 @@ def to_pil(x: Any, what: str) -> Image.Image:
     in [0, 1])."""
     if isinstance(x, Image.Image):
         return x
-    if isinstance(x, (str, Path)):
+    if isinstance(x, (str, os.PathLike)):
         return load_image(x)
     a = np.asarray(x)
     if a.ndim == 3 and a.shape[-1] == 1:

@@ -3,7 +3,10 @@ replicated) and `fsdp` (batch split too, params and optimiser state split along 
 runs on one CPU, fake CPU devices, a GPU node or a TPU slice, single- or multi-host."""
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 from typing import Any
 
 import jax
@@ -60,9 +63,63 @@ def global_batch(local: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
 
 
+def place(tree: Any, shardings: Any) -> Any:
+    """Arrays every process holds whole (host or local device) as global arrays with `shardings`. With several
+    processes each fills only its own shards from its copy: `jax.device_put` would instead check the copies
+    equal across processes and compile a resharding per array, a collective and a compile per parameter."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def put(x, sharding):
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def gather(tree: Any, mesh: Mesh) -> Any:
+    """Global arrays (possibly split over processes) as whole arrays on this process's first device: one
+    compiled replication for the whole tree, then each process reads its own copy. A collective: every process
+    must call it."""
+    if jax.process_count() == 1:
+        return tree
+    replicated = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)
+    return jax.tree.map(lambda x: x.addressable_data(0), replicated)
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
 def pad_to_multiple(n: int, k: int) -> int:
     return -(-n // k) * k
+
+
+def abstract_mesh(mesh: Mesh | None):
+    """Inside a jitted function: make `mesh` the ambient mesh while tracing, so that layers which run per device
+    (the splash attention kernel, in `shard_map`) can find its batch axes. A no-op context without a mesh."""
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def initialize_distributed() -> None:
+    """`jax.distributed.initialize()` for a multi-host run. On TPU pod slices (and SLURM, Open MPI, ...) JAX
+    finds the coordinator, the process count and this process's index by itself; elsewhere set
+    JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID. On CPU the
+    collectives go through gloo (how several processes on one machine stand in for hosts in the tests)."""
+    if jax.distributed.is_initialized():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    env = {k: os.environ.get(f"JAX_{k.upper()}") for k in ("num_processes", "process_id")}
+    jax.distributed.initialize(**{k: int(v) for k, v in env.items() if v is not None})
+
+
+def gather_json(obj: Any) -> list:
+    """`obj` (anything JSON can hold) from every process, in process order, on every process; a collective."""
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.asarray([data.size], np.int64)).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:data.size] = data
+    rows = multihost_utils.process_allgather(padded).reshape(len(lengths), -1)
+    return [json.loads(bytes(row[:n])) for row, n in zip(rows, lengths)]

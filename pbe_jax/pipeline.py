@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pbe_jax import images, parallel
+from pbe_jax import images, parallel, storage
 from pbe_jax.convert import PaintByExampleModels, load
 from pbe_jax.diffusion import NoiseSchedule, guided, make_tables, sample
 from pbe_jax.models import Policy
@@ -28,10 +27,11 @@ def default_dtype():
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
-def resolve_pretrained(path_or_repo: str | os.PathLike) -> Path:
-    """A local folder, or a Hub repository id downloaded with huggingface_hub (when the network allows)."""
-    path = Path(path_or_repo)
-    if path.exists():
+def resolve_pretrained(path_or_repo: str | os.PathLike) -> storage.Path:
+    """A local or object-store (gs://…) folder, or a Hub repository id downloaded with huggingface_hub (when
+    the network allows)."""
+    path = storage.path(path_or_repo)
+    if storage.is_remote(path) or path.exists():
         return path
     name = str(path_or_repo)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
@@ -42,7 +42,7 @@ def resolve_pretrained(path_or_repo: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"{name}: no such folder; downloading it as a Hub repository needs "
                                 f"huggingface_hub (pip install huggingface_hub)") from e
     try:
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+        return storage.path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
     except Exception as e:  # offline, unknown repository, no access: say which and why
         raise FileNotFoundError(f"{name}: no such folder, and downloading it from the Hub failed "
                                 f"({type(e).__name__}: {e})") from e
@@ -89,8 +89,12 @@ class PaintByExample:
         self.vae_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
         self.mesh = mesh
         graphdef = self.set_weights(models)
-        self._generate = jax.jit(lambda state, *a, **k: _generate(nnx.merge(graphdef, state), *a, **k),
-                                 static_argnames=("condition", "sample_posterior", "draw_latents"))
+
+        def generate(state, *args, **kwargs):
+            with parallel.abstract_mesh(mesh):
+                return _generate(nnx.merge(graphdef, state), *args, **kwargs)
+
+        self._generate = jax.jit(generate, static_argnames=("condition", "sample_posterior", "draw_latents"))
 
     def set_weights(self, models: PaintByExampleModels) -> nnx.GraphDef:
         """Swap in networks of the same architecture (e.g. newer training weights) without recompiling;

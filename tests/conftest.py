@@ -1,6 +1,21 @@
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# gs:// through gcsfs, which can be pointed at the local GCS fake (the `gcs_emulator` fixture), not through
+# tf.io.gfile. epath decides once per process, at its first use of any path, hence here.
+os.environ["EPATH_USE_TF"] = "false"
+# One persistent compilation cache for the session, so that the many train.py / sample.py subprocesses of the
+# suite compile each program once (a fresh, empty folder: no state from earlier sessions).
+_CACHE = tempfile.mkdtemp(prefix="pbe_jax_test_jit_cache_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -8,6 +23,10 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 TINY_NAMES = ("sd", "alt")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +59,58 @@ def tiny_pair(tiny_folder):
         return cache[name]
 
     return get
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+BUCKET = "pbe-jax-test"
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A local Google Cloud Storage fake (tests/fake_gcs.py, in memory) on 127.0.0.1 with the bucket
+    gs://pbe-jax-test, and the environment that points this project's clients at it, set in os.environ for the
+    rest of the session so that subprocesses inherit it: gcsfs (STORAGE_EMULATOR_HOST; EPATH_USE_TF=false, set
+    above, makes epath use it rather than tf.io.gfile, whose GCS client has no endpoint setting) and tensorstore,
+    which writes orbax's arrays (TENSORSTORE_GCS_HTTP_URL, a fixed token). Stopped, and everything in it gone,
+    at the end."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "fake_gcs.py"), "--port",
+                             str(port), "--bucket", BUCKET], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"the GCS fake did not start: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.1)
+    url = f"http://127.0.0.1:{port}"
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake",
+           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "NO_GCE_CHECK": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def bucket_dir(gcs_emulator, request):
+    """gs://pbe-jax-test/<test name>, removed after the test."""
+    from pbe_jax import storage
+
+    folder = storage.path(f"gs://{BUCKET}/{request.node.name}")
+    yield folder
+    storage.remove_tree(folder)

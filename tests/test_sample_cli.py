@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +146,105 @@ print("maxdiff", np.abs(multi.astype(int) - single.astype(int)).max())
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert int(r.stdout.split("maxdiff")[-1]) <= 1
+
+
+def test_batch_in_a_bucket_interrupted_and_resumed(tiny_folder, tmp_path, bucket_dir, capsys):
+    """Model, manifest, inputs and outputs all in a bucket: a run killed midway, then resumed, finishes the
+    rest and gives the pictures of a local run; an unreadable input is listed in the bucket's failures.jsonl."""
+    from pbe_jax import storage
+
+    n = 16
+    rows = write_inputs(tmp_path, n)
+    (tmp_path / "src_2.png").write_bytes(b"not a png")
+    (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for f in tmp_path.iterdir():
+        storage.write_bytes(bucket_dir / "in" / f.name, f.read_bytes())
+    model = tiny_folder("sd")
+    for f in model.rglob("*"):
+        if f.is_file():
+            storage.write_bytes(bucket_dir / "model" / f.relative_to(model).as_posix(), f.read_bytes())
+
+    assert sample.main(["--pretrained", str(model), "--batch", str(tmp_path / "jobs.jsonl"), "--out",
+                        str(tmp_path / "local"), "--batch-size", "1", *COMMON]) == 0
+    out = bucket_dir / "out"
+    args = ["--pretrained", str(bucket_dir / "model"), "--batch", str(bucket_dir / "in" / "jobs.jsonl"), "--out",
+            str(out), "--batch-size", "1", *COMMON]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=os.environ, cwd=ROOT)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        storage.refresh(out)
+        if any(name.endswith(".png") for name in storage.names(out)):
+            break
+        time.sleep(0.05)
+    proc.kill()
+    _, err = proc.communicate()
+    storage.refresh(out)
+    assert out.exists(), err[-3000:]
+    before = sorted(name for name in storage.names(out) if name.endswith(".png"))
+    assert 1 <= len(before) < n - 1, before  # interrupted midway
+
+    capsys.readouterr()
+    assert sample.main(args) == 0
+    assert f"{n - 1 - len(before)} written, {len(before)} already done, 1 failed" in capsys.readouterr().out
+    storage.refresh(out)
+    written = sorted(name for name in storage.names(out) if name.endswith(".png"))
+    assert written == sorted(p.name for p in (tmp_path / "local").glob("*.png")) and len(written) == n - 1
+    for name in written:
+        np.testing.assert_array_equal(np.asarray(Image.open(storage.local_or_buffer(out / name))),
+                                      np.asarray(Image.open(tmp_path / "local" / name)), err_msg=name)
+    failures = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
+    assert [f["id"] for f in failures] == ["item2"]
+
+
+def test_two_hosts_do_each_job_once_and_match_one_host(tiny_folder, tmp_path, capsys):
+    """`--distributed` on two processes (localhost, gloo) and `--shard I/N` without collectives: every job is
+    done by exactly one host, the pictures are a one-host run's, each host resumes its own share, and the
+    failures of all hosts end up in one failures.jsonl."""
+    from conftest import free_port
+
+    rows = write_inputs(tmp_path, 7)
+    (tmp_path / "src_1.png").write_bytes(b"not a png")  # job 1: host 1's share
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "mask_4.png")  # job 4 (empty mask): host 0's
+    (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    common = ["--pretrained", str(tiny_folder("sd")), "--batch", str(tmp_path / "jobs.jsonl"), "--batch-size", "2",
+              *COMMON]
+    assert sample.main([*common, "--out", str(tmp_path / "one")]) == 0
+    reference = {p.name: np.asarray(Image.open(p)) for p in (tmp_path / "one").glob("*.png")}
+    assert len(reference) == 5
+
+    env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "JAX_NUM_PROCESSES": "2"}
+    logs = [open(tmp_path / f"host{i}.log", "w+") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "sample.py"), *common, "--out", str(tmp_path / "two"),
+                               "--distributed"], stdout=logs[i], stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                              env={**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    for p in procs:
+        p.wait(timeout=600)
+    out = [(tmp_path / f"host{i}.log").read_text() for i in range(2)]
+    assert all(p.returncode == 0 for p in procs), out
+    # Host 0 has jobs 0, 2, 4, 6 (4 unusable), host 1 jobs 1, 3, 5 (1 unreadable).
+    assert "shard 0/2: 3 written, 0 already done, 1 failed" in out[0]
+    assert "shard 1/2: 2 written, 0 already done, 1 failed" in out[1]
+    assert "all shards: 5 written, 0 already done, 2 failed; 2 failed in all" in out[0]
+    two = {p.name: np.asarray(Image.open(p)) for p in (tmp_path / "two").glob("*.png")}
+    assert two.keys() == reference.keys() and all(np.array_equal(two[k], reference[k]) for k in two)
+    summary = [json.loads(x)["id"] for x in (tmp_path / "two" / "failures.jsonl").read_text().splitlines()]
+    assert summary == ["item1", "item4"]
+
+    # --shard: the same split without collectives; a host resumes only its own share; the last to finish
+    # writes the summary.
+    sharded = tmp_path / "sharded"
+    capsys.readouterr()
+    assert sample.main([*common, "--out", str(sharded), "--shard", "1/2"]) == 0
+    assert "shard 1/2: 2 written" in capsys.readouterr().out and not (sharded / "failures.jsonl").exists()
+    (sharded / "item3.png").unlink()
+    assert sample.main([*common, "--out", str(sharded), "--shard", "1/2"]) == 0
+    assert "shard 1/2: 1 written, 1 already done, 1 failed" in capsys.readouterr().out
+    assert sample.main([*common, "--out", str(sharded), "--shard", "0/2"]) == 0
+    assert f"2 failed in all, listed in {sharded / 'failures.jsonl'}" in capsys.readouterr().out
+    got = {p.name: np.asarray(Image.open(p)) for p in sharded.glob("*.png")}
+    assert got.keys() == reference.keys() and all(np.array_equal(got[k], reference[k]) for k in got)
+    assert [json.loads(x)["id"] for x in (sharded / "failures.jsonl").read_text().splitlines()] == ["item1", "item4"]
+    with pytest.raises(SystemExit):
+        sample.parse_args([*common, "--out", "o", "--shard", "2/2"])
+    assert "I must be in 0..N-1" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Training: config, initialisation, the step, sharding (8 fake devices, two processes), checkpoints that
-survive SIGKILL, NaN handling and train.py end to end."""
+survive SIGKILL and SIGTERM (preemption) in a bucket and on two processes, NaN handling and train.py end to
+end."""
 import json
 import os
 import signal
@@ -30,14 +31,14 @@ def run_train(workdir, *extra, timeout=600, wait=True):
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", "tiny", "--workdir", str(workdir), *MICRO, *extra]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
 
 
 def final_params_of(folder):
     from pbe_jax.convert import load, mapping
 
-    return {k: mapping.module_params(m) for k, m in load(Path(folder)).components().items()}
+    return {k: mapping.module_params(m) for k, m in load(folder).components().items()}
 
 
 def final_params(workdir):
@@ -251,76 +252,115 @@ def test_sharded_step_equals_single_device():
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
 
 
-DISTRIBUTED = """
-import sys, jax, numpy as np
-sys.path.insert(0, {root!r})
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize("127.0.0.1:{port}", num_processes=2, process_id=int(sys.argv[1]))
-from tests.test_train import micro_config
-from pbe_jax import parallel
-from pbe_jax.train.loop import build_trainer, make_loader
-assert jax.process_count() == 2 and len(jax.devices()) == 2
-cfg = micro_config()
-t = build_trainer(cfg)
-it = make_loader(cfg, seed=0)
-losses = []
-for _ in range(3):
-    t.state, m = t.step_fn(t.state, parallel.global_batch(next(it), t.mesh))
-    losses.append(float(m["loss"]))
-print("LOSSES", losses)
-# The whole loop, parameters sharded over both processes: checkpoints, a sample grid and the export (written
-# by process 0 from weights every process gathers) must neither hang nor fail.
-from pbe_jax.train.loop import train
-train(micro_config("steps=2", "ckpt_every=2", "sample_every=2", "sample_steps=2", "mesh_data=1", "mesh_fsdp=2"),
-      sys.argv[2], progress=False)
-print("TRAINED")
-"""
-
-
-def test_two_process_distributed_training(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    code = DISTRIBUTED.format(root=str(ROOT), port=port)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(i), str(tmp_path / "run")], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT) for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    losses = [json.loads(out.split("LOSSES")[-1].split("\n")[0]) for out, _ in outs]
-    assert losses[0] == losses[1] and all(np.isfinite(losses[0]))
-    assert all("TRAINED" in out for out, _ in outs)
-    assert (tmp_path / "run" / "samples" / "step_0000002.png").is_file()
-    assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
-    final_params(tmp_path / "run")  # the export opens
-
-
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
-    steps = ["steps=10", "ckpt_every=3", "sample_every=0"]
-    straight = run_train(tmp_path / "straight", *steps)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
-    proc = run_train(tmp_path / "killed", "steps=1000", "ckpt_every=3", "sample_every=0", wait=False)
-    marker = tmp_path / "killed" / "checkpoints" / "6" / "commit_success.txt"
-    deadline = time.time() + 300
-    while not marker.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists(), proc.stderr.read().decode()[-3000:]
-    again = run_train(tmp_path / "killed", *steps)  # without --resume: refused, nothing touched
-    assert again.returncode != 0 and "already has checkpoints; pass --resume" in again.stderr, again.stderr[-3000:]
-    resumed = run_train(tmp_path / "killed", *steps, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from step" in resumed.stdout + resumed.stderr
-    assert "config differs from the one saved with step 6: steps: 1000 → 10" in resumed.stdout
-    a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "killed")
+def assert_same_params(a, b):
     for comp in a:
+        assert a[comp].keys() == b[comp].keys()
         for path in a[comp]:
             np.testing.assert_array_equal(a[comp][path], b[comp][path], err_msg=f"{comp} {path}")
+
+
+def wait_for(path, proc, seconds=300):
+    """Until `path` exists (polled afresh: gcsfs caches listings), or fail with what the process printed."""
+    from pbe_jax import storage
+
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None:
+        storage.refresh(path)
+        if storage.path(path).exists():
+            return
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail(f"{path} never appeared: {proc.communicate()[1][-3000:]}")
+
+
+def preempted_step(stdout: str) -> int:
+    return int(stdout.split("preempted: checkpoint at step ")[1].split()[0])
+
+
+# The interrupted runs train "forever"; how far they got is known only once they stop, so the run they must
+# reproduce is made afterwards, to the same step (the total step count and the checkpoint cadence change
+# nothing in the training).
+FOREVER = ["steps=1000", "ckpt_every=8", "sample_every=0"]
+
+
+def test_killed_then_preempted_in_a_bucket_resumes_bit_identically(bucket_dir, tmp_path):
+    """train.py --workdir gs://…: SIGKILL after a checkpoint; --resume from the bucket, SIGTERM twice (the second
+    during the save): a checkpoint at the interrupted step, exit 0, the resume command; --resume to the end and
+    the export in the bucket equal an uninterrupted run bit for bit."""
+    from pbe_jax import storage
+
+    run = str(bucket_dir / "run")
+    proc = run_train(run, *FOREVER, wait=False)
+    wait_for(f"{run}/checkpoints/8/commit_success.txt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    again = run_train(run, *FOREVER)  # without --resume: refused, nothing touched
+    assert again.returncode == 1 and "already has checkpoints; pass --resume" in again.stderr, again.stderr[-3000:]
+
+    proc = run_train(run, *FOREVER, "--resume", wait=False)
+    wait_for(f"{run}/checkpoints/16/commit_success.txt", proc)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)  # while the step finishes or the checkpoint is written
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resumed from step 8" in out
+    step = preempted_step(out)
+    assert step >= 16, out
+    assert f"saved in {run}/checkpoints; resume with: python train.py" in out and out.rstrip().endswith("--resume")
+    storage.refresh(run)
+    assert storage.path(f"{run}/checkpoints/{step}/commit_success.txt").exists()
+    metrics = [json.loads(x) for x in storage.path(f"{run}/metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == step  # the metrics in the bucket reach the checkpoint
+
+    end = f"steps={step + 3}"
+    resumed = run_train(run, end, "ckpt_every=8", "sample_every=0", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {step}" in resumed.stdout
+    assert f"config differs from the one saved with step {step}: steps: 1000 → {step + 3}" in resumed.stdout
+    whole = run_train(tmp_path / "whole", end, "ckpt_every=1000", "sample_every=0")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    storage.refresh(run)
+    assert_same_params(final_params(tmp_path / "whole"), final_params_of(f"{run}/export"))
+
+
+def run_two(workdir, *extra):
+    """train.py on two processes on localhost (gloo), the parameters split over both (fsdp)."""
+    from conftest import free_port
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}",
+           "JAX_NUM_PROCESSES": "2"}
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", "tiny", "--workdir", str(workdir), *MICRO,
+           "distributed=True", "mesh_data=1", "mesh_fsdp=2", *extra]
+    return [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                             env={**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+
+
+def finish(procs, timeout=600):
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return [out for out, _ in outs]
+
+
+def test_two_processes_preempted_agree_on_the_step_and_resume_bit_identically(tmp_path):
+    """Two processes, parameters split over both. SIGTERM (twice) to one process only: both checkpoint the same
+    step (JAX's preemption sync point) and exit 0. Resumed to the end (with a sample grid drawn by process 0
+    from weights gathered on both, and the export), it equals an uninterrupted two-process run bit for bit."""
+    procs = run_two(tmp_path / "run", *FOREVER)
+    wait_for(tmp_path / "run" / "checkpoints" / "8" / "commit_success.txt", procs[0])
+    procs[1].send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)
+    steps = [preempted_step(out) for out in finish(procs)]
+    assert steps[0] == steps[1] and steps[0] >= 8, steps
+    assert (tmp_path / "run" / "checkpoints" / str(steps[0]) / "commit_success.txt").is_file()
+    end = steps[0] + 3
+    finish(run_two(tmp_path / "run", f"steps={end}", "ckpt_every=8", f"sample_every={end}", "sample_steps=2",
+                   "--resume"))
+    assert (tmp_path / "run" / "samples" / f"step_{end:07d}.png").is_file()
+    finish(run_two(tmp_path / "whole", f"steps={end}", "ckpt_every=1000", "sample_every=0"))
+    assert_same_params(final_params(tmp_path / "whole"), final_params(tmp_path / "run"))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

@@ -1,5 +1,6 @@
 """python -m pbe_jax.convert SRC DST: a diffusers Paint-by-Example folder → this project's checkpoint
-(loads without torch), or a checkpoint → a diffusers folder that diffusers' `from_pretrained` opens."""
+(loads without torch), or a checkpoint → a diffusers folder that diffusers' `from_pretrained` opens. Either may
+be a local folder or an object-store one (gs://bucket/...)."""
 import argparse
 import sys
 
@@ -21,7 +22,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         to = convert(args.src, args.dst, to=args.to, variant=args.variant, dtype=args.dtype)
-    except (WeightsError, ConfigError, FileNotFoundError, ValueError) as e:
+    except (WeightsError, ConfigError, OSError, ValueError) as e:  # OSError: missing files, storage errors
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.dst} ({'pbe_jax checkpoint' if to == 'jax' else 'diffusers folder'})")

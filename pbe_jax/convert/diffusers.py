@@ -12,21 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-from pathlib import Path
 from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pbe_jax import __version__
+from pbe_jax import __version__, storage
 from pbe_jax.convert import mapping
 from pbe_jax.convert.weights import WeightsError, find_weights, load_file, save_safetensors
 from pbe_jax.models import (AutoencoderKL, CLIPVisionConfig, ConfigError, PaintByExampleImageEncoder, Policy,
                             UNet2DConditionModel, UNetConfig, VAEConfig)
+from pbe_jax.storage import Path
 
 CHECKPOINT_MARKER = "pbe_jax.json"  # at the root of this project's checkpoints
+INDEX_FILE = "model_index.json"  # written last: in a bucket, a folder without it is incomplete
 PARAMS_FILE = "params.safetensors"
 # Components copied through unchanged (configs only); a released folder's safety_checker is not carried.
 PASSTHROUGH = {"scheduler": "scheduler_config.json", "feature_extractor": "preprocessor_config.json"}
@@ -75,6 +75,7 @@ class PaintByExampleModels:
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    path = storage.path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: not found")
     try:
@@ -84,16 +85,16 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    storage.write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def read_config(folder: Path, name: str):
-    path = Path(folder) / "config.json"
+    path = storage.path(folder) / "config.json"
     return COMPONENTS[name].config.from_dict(read_json(path), str(path))
 
 
 def is_checkpoint(folder: Path) -> bool:
-    return (Path(folder) / CHECKPOINT_MARKER).is_file()
+    return (storage.path(folder) / CHECKPOINT_MARKER).is_file()
 
 
 def from_state_dict(name: str, config, state_dict: dict, *, policy: Policy = Policy(),
@@ -114,7 +115,7 @@ def from_state_dict(name: str, config, state_dict: dict, *, policy: Policy = Pol
 
 def load_component(folder: Path, name: str, *, policy: Policy = Policy(), variant: str | None = None) -> nnx.Module:
     """One component from its folder: diffusers/transformers format, or this project's (params.safetensors)."""
-    folder = Path(folder)
+    folder = storage.path(folder)
     config = read_config(folder, name)  # first: a config this port cannot build fails before any reading
     if (folder / PARAMS_FILE).is_file():
         flat = load_file(folder / PARAMS_FILE)
@@ -141,7 +142,7 @@ def _stored(tensors: dict[str, np.ndarray], dtype: str | None) -> dict[str, np.n
 def save_component(module: nnx.Module, folder: Path, name: str, *, format: str, dtype: str | None = None) -> None:
     """Write one component as `format` "diffusers" (PyTorch names and layouts) or "jax" (this project's);
     `dtype` ("float16", ...) stores the weights in a smaller type (default: the parameters' own)."""
-    folder = Path(folder)
+    folder = storage.path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "config.json", module.config.to_dict())
     if format == "diffusers":
@@ -156,10 +157,13 @@ def save_component(module: nnx.Module, folder: Path, name: str, *, format: str, 
 
 def load(folder: str | Path, *, policy: Policy = Policy(), variant: str | None = None) -> PaintByExampleModels:
     """A whole Paint-by-Example folder, diffusers format or this project's checkpoint."""
-    folder = Path(folder)
+    folder = storage.path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
-    index = folder / "model_index.json"
+    index = folder / INDEX_FILE
+    if storage.is_remote(folder) and not index.is_file():  # see storage.replace_folder
+        raise FileNotFoundError(f"{folder}: no {INDEX_FILE}: not a pipeline folder, or one still being written (in a "
+                                f"bucket {INDEX_FILE} is written last, and a folder without it counts as absent)")
     listed = read_json(index) if index.is_file() else {}
     for name in COMPONENTS:
         if not (folder / name).is_dir():
@@ -175,7 +179,7 @@ def load(folder: str | Path, *, policy: Policy = Policy(), variant: str | None =
 def save(models: PaintByExampleModels, folder: str | Path, *, format: str, dtype: str | None = None) -> Path:
     """Write a whole pipeline folder; "diffusers" opens with diffusers/transformers `from_pretrained`.
     `dtype`: storage type of the weights, as in `save_component`."""
-    folder = Path(folder)
+    folder = storage.path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, module in models.components().items():
         save_component(module, folder / name, name, format=format, dtype=dtype)
@@ -189,12 +193,12 @@ def save(models: PaintByExampleModels, folder: str | Path, *, format: str, dtype
         index["scheduler"] = ["diffusers", models.extra_configs["scheduler"].get("_class_name", "PNDMScheduler")]
     if "feature_extractor" in models.extra_configs:
         index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
-    write_json(folder / "model_index.json", index)
     if format == "jax":
         write_json(folder / CHECKPOINT_MARKER, {"format": "pbe_jax", "version": __version__,
                                                  "components": list(COMPONENTS)})
     elif (folder / CHECKPOINT_MARKER).exists():
         (folder / CHECKPOINT_MARKER).unlink()
+    write_json(folder / INDEX_FILE, index)  # last: its presence says the folder is complete
     return folder
 
 
@@ -202,9 +206,9 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, variant:
             dtype: str | None = None) -> str:
     """Convert a folder: diffusers → this project's checkpoint, or back (`to` defaults to the other one);
     `dtype` stores the weights in that type (e.g. "float16", half the size)."""
-    src, dst = Path(src), Path(dst)
+    src, dst = storage.path(src), storage.path(dst)
     to = to or ("diffusers" if is_checkpoint(src) else "jax")
-    if src.resolve() == dst.resolve():
+    if (src if storage.is_remote(src) else src.resolve()) == (dst if storage.is_remote(dst) else dst.resolve()):
         raise ValueError(f"source and destination are the same folder: {src}")
     save_replacing(load(src, variant=variant), dst, format=to, dtype=dtype)
     return to
@@ -212,13 +216,6 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, variant:
 
 def save_replacing(models: PaintByExampleModels, folder: str | Path, *, format: str,
                    dtype: str | None = None) -> Path:
-    """`save` into folder.partial, then that renamed to `folder` (an old `folder` removed first): an
-    interrupted write leaves the old folder whole, never a mix of old and new files."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(models, tmp, format=format, dtype=dtype)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
-    return folder
+    """`save` in place of `folder` (`storage.replace_folder`): an interrupted write never leaves a mix of old
+    and new files that reads as complete."""
+    return storage.replace_folder(folder, lambda target: save(models, target, format=format, dtype=dtype))

@@ -4,16 +4,16 @@
 host, with PyTorch's default schemes, so no jitted initialisation ever runs."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from flax import nnx
 
+from pbe_jax import storage
 from pbe_jax.convert import mapping
 from pbe_jax.convert.diffusers import (COMPONENTS, PaintByExampleModels, from_state_dict, load, load_component,
                                        read_json)
 from pbe_jax.convert.weights import WeightsError, find_weights, load_file
 from pbe_jax.models import CLIPVisionConfig, PaintByExampleImageEncoder, Policy, UNetConfig, VAEConfig
+from pbe_jax.storage import Path
 
 BOTTLENECK = ("mapper", "final_layer_norm", "proj_out", "uncond_vector")
 
@@ -73,7 +73,7 @@ def from_stable_diffusion(sd_folder: str | Path, clip_folder: str | Path, *, pol
                           seed: int = 0) -> PaintByExampleModels:
     """The paper's initialisation from an SD v1.x diffusers folder (unet/, vae/, scheduler/) and a CLIP
     vision folder (e.g. openai/clip-vit-large-patch14: a CLIPModel or CLIPVisionModel checkpoint)."""
-    sd_folder, clip_folder = Path(sd_folder), Path(clip_folder)
+    sd_folder, clip_folder = storage.path(sd_folder), storage.path(clip_folder)
     unet_cfg = read_json(sd_folder / "unet" / "config.json")
     if unet_cfg.get("in_channels") != 4:
         raise ValueError(f"{sd_folder / 'unet' / 'config.json'}: in_channels is {unet_cfg.get('in_channels')}, "

@@ -2,13 +2,16 @@
 loaded only with `torch.load(weights_only=True)`."""
 from __future__ import annotations
 
+import io
 import json
 import os
-from pathlib import Path
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors.numpy needs)
 import numpy as np
 import safetensors.numpy
+
+from pbe_jax import storage
+from pbe_jax.storage import Path
 
 
 class WeightsError(ValueError):
@@ -21,6 +24,7 @@ WEIGHT_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
 
 def find_weights(folder: Path, variant: str | None = None) -> Path:
     """The weight file (or shard index) of a component folder, safetensors preferred over pickles."""
+    folder = storage.path(folder)
     names = []
     for base in WEIGHT_NAMES:
         stem = f"{base}.{variant}" if variant else base
@@ -38,7 +42,8 @@ def _load_pickle(path: Path) -> dict[str, np.ndarray]:
         raise WeightsError(f"{path} is a PyTorch pickle; reading it needs torch (pip install 'pbe-jax[torch]'), "
                            f"or convert it to safetensors first") from e
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = torch.load(io.BytesIO(path.read_bytes()) if storage.is_remote(path) else os.fspath(path), map_location="cpu",
+                        weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
         raise WeightsError(f"{path}: refusing to load. It is not a plain tensor pickle that "
                            f"torch.load(weights_only=True) accepts (it may execute code, or be truncated): "
@@ -58,7 +63,9 @@ def _load_pickle(path: Path) -> dict[str, np.ndarray]:
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
     try:
-        return safetensors.numpy.load_file(path)
+        if storage.is_remote(path):
+            return safetensors.numpy.load(path.read_bytes())
+        return safetensors.numpy.load_file(os.fspath(path))
     except Exception as e:  # SafetensorError for truncated/corrupt files, OSError for unreadable ones
         raise WeightsError(f"{path}: cannot read safetensors file ({e}); it may be truncated or not "
                            f"a safetensors file") from e
@@ -66,7 +73,7 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 def load_file(path: Path) -> dict[str, np.ndarray]:
     """All tensors of one weight file or shard index, as numpy arrays keyed by PyTorch parameter name."""
-    path = Path(path)
+    path = storage.path(path)
     if path.name.endswith(".index.json"):
         try:
             index = json.loads(path.read_text())["weight_map"]
@@ -82,9 +89,6 @@ def load_file(path: Path) -> dict[str, np.ndarray]:
 
 
 def save_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write atomically: a crash leaves the old file or none, never a truncated one."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
-                                metadata=metadata)
-    os.replace(tmp, path)
+    """Write atomically (`storage.write_with`): a crash leaves the old file or none, never a truncated one."""
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    storage.write_with(path, lambda local: safetensors.numpy.save_file(tensors, local, metadata=metadata))

@@ -25,13 +25,13 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from pbe_jax import batch, images
+from pbe_jax import batch, images, storage
 from pbe_jax.data import synthetic
+from pbe_jax.storage import Path
 
 BENCHMARK_SEED = 1_000_003
 EXAMPLES_SEED = 2_000_003
@@ -132,16 +132,12 @@ def _settings(n: int, seed: int, image_size: int, reference_size: int | None) ->
             "patterns": list(synthetic.PATTERNS)}
 
 
-def _write_text(path: Path, text: str) -> None:
-    batch.write_atomically(path, lambda tmp: tmp.write_text(text))
-
-
 def make_benchmark(out_dir, n: int = 200, seed: int = BENCHMARK_SEED, image_size: int = 128,
                    reference_size: int | None = None) -> dict:
     """Write items 0..n-1 into `out_dir` (layout in the module docstring). Resumable: images already there
     are kept (the same settings make the same images), labels.jsonl is rewritten whole. A folder made with
     other settings is refused. Returns {"written": images written, "kept": images already there}."""
-    out = Path(out_dir)
+    out = storage.path(out_dir)
     settings = _settings(n, seed, image_size, reference_size)
     meta = out / "benchmark.json"
     if meta.exists():
@@ -153,7 +149,7 @@ def make_benchmark(out_dir, n: int = 200, seed: int = BENCHMARK_SEED, image_size
                              f"use another folder or the same settings")
     for role in ROLES:
         (out / role).mkdir(parents=True, exist_ok=True)
-    _write_text(meta, json.dumps(settings, indent=1) + "\n")
+    storage.write_text(meta, json.dumps(settings, indent=1) + "\n")
     stats = {"written": 0, "kept": 0}
     labels = []
     for i in range(n):
@@ -166,13 +162,13 @@ def make_benchmark(out_dir, n: int = 200, seed: int = BENCHMARK_SEED, image_size
                 batch.save_png(getattr(item, role), path)
                 stats["written"] += 1
         labels.append(json.dumps(item.label))
-    _write_text(out / "labels.jsonl", "\n".join(labels) + "\n")
+    storage.write_text(out / "labels.jsonl", "\n".join(labels) + "\n")
     return stats
 
 
 def read_labels(benchmark_dir) -> dict[str, dict]:
     """labels.jsonl as {id: label}."""
-    path = Path(benchmark_dir) / "labels.jsonl"
+    path = storage.path(benchmark_dir) / "labels.jsonl"
     rows = {}
     for n, line in enumerate(path.read_text().splitlines(), 1):
         try:
@@ -191,11 +187,11 @@ def write_examples(out_dir, n: int = 1, *, seed: int = EXAMPLES_SEED, image_size
     folders = []
     for i in range(start, start + n):
         item = make_item(i, seed=seed, image_size=image_size)
-        folder = Path(out_dir) if n == 1 else Path(out_dir) / item.id
+        folder = storage.path(out_dir) if n == 1 else storage.path(out_dir) / item.id
         folder.mkdir(parents=True, exist_ok=True)
         for role in ROLES:
             batch.save_png(getattr(item, role), folder / f"{role}.png")
-        _write_text(folder / "label.json", json.dumps(item.label, indent=1) + "\n")
+        storage.write_text(folder / "label.json", json.dumps(item.label, indent=1) + "\n")
         folders.append(folder)
     return folders
 
@@ -222,7 +218,7 @@ def autoencoder_roundtrip(model) -> Callable[[np.ndarray], np.ndarray]:
 
     from pbe_jax.convert import load_component
 
-    folder = Path(model)
+    folder = storage.path(model)
     folder = folder / "vae" if (folder / "vae").is_dir() else folder
     if not folder.is_dir():
         raise FileNotFoundError(f"{model}: no such model folder")
@@ -254,7 +250,7 @@ def _run(benchmark_dir, out_dir, edit, through: Callable[[np.ndarray], np.ndarra
         results = [edit(*item) for item in zip(sources, masks, references)]
         return [through(r) for r in results] if through is not None else results
 
-    return batch.run(batch.read_layout(Path(benchmark_dir)), Path(out_dir), edit_batch, batch_size=64, seed=0)
+    return batch.run(batch.read_layout(benchmark_dir), out_dir, edit_batch, batch_size=1, seed=0)
 
 
 def copy_paste(benchmark_dir, out_dir, through=None) -> dict:

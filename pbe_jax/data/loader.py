@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 from typing import Any, Sequence
 
 import numpy as np
@@ -120,6 +121,12 @@ def _parse_absl_flags() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _ignore_sigterm(worker_index: int, worker_count: int) -> None:
+    """In grain's workers: a preemption's SIGTERM, which reaches every process of the host, must not kill them
+    while the main process finishes its step and checkpoints; it stops them itself when it closes the loader."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(source, *, batch_size: int, seed: int, image_size: int = 512, reference_size: int = 224,
                 shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
                 process_count: int = 1, worker_count: int = 0, read_threads: int = 8,
@@ -159,7 +166,7 @@ def make_loader(source, *, batch_size: int, seed: int, image_size: int = 512, re
                                               prefetch_buffer_size=max(2 * batch_size, read_threads)))
     if worker_count > 0:
         _parse_absl_flags()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count), worker_init_fn=_ignore_sigterm)
     # Filtering after the workers, one record per item before it: every worker count gives the same stream,
     # and the counts are kept in this process.
     tally = _Tally()

@@ -1,16 +1,18 @@
-"""Random-access image sources with object boxes: TFDS datasets and folders of images. Each has `__len__`
-and `__getitem__(i)`, which returns {"image": uint8 (H, W, 3), "boxes": float32 (N, 4) as pixel x0, y0,
-x1, y1, "id": str}; decoding happens there, so an unusable item raises `CorruptItem` when it is read."""
+"""Random-access image sources with object boxes: TFDS datasets and folders of images (local or in a bucket).
+Each has `__len__` and `__getitem__(i)`, which returns {"image": uint8 (H, W, 3), "boxes": float32 (N, 4) as
+pixel x0, y0, x1, y1, "id": str}; decoding happens there, so an unusable item raises `CorruptItem` when it is
+read."""
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+import posixpath
 
 import numpy as np
 
-from pbe_jax import images
+from pbe_jax import images, storage
 from pbe_jax.batch import IMAGE_SUFFIXES
+from pbe_jax.storage import Path, PathLike
 
 # Where each supported TFDS dataset keeps its boxes: a BBoxFeature, normalised (ymin, xmin, ymax, xmax).
 TFDS_BOXES = {"coco": ("objects", "bbox"), "open_images_v4": ("bobjects", "bbox")}
@@ -85,7 +87,7 @@ def read_jsonl(path: Path, root: Path) -> list[tuple[str, np.ndarray]]:
     """(image path, boxes) per line of {"path": ..., "boxes": [[x0, y0, x1, y1], ...]}; relative paths are
     relative to `root`. A malformed line raises ValueError naming the file and the line."""
     items = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for n, line in enumerate(storage.path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{n}"
@@ -102,7 +104,7 @@ def read_jsonl(path: Path, root: Path) -> list[tuple[str, np.ndarray]]:
 def read_box_file(path: Path) -> np.ndarray:
     """The release's per-image box file: one box a line, `x0 y0 x1 y1` in pixels, further columns ignored."""
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = storage.path(path).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise CorruptItem(f"{path}: cannot read the box file ({e})") from e
     rows = []
@@ -120,38 +122,69 @@ def read_box_file(path: Path) -> np.ndarray:
     return np.asarray(rows, np.float32).reshape(-1, 4)
 
 
-def _parallel_box_file(root: str, image: str) -> str | None:
+class _Tree:
+    """Walking and listing a folder tree with string paths: `os` for a local one (fast over millions of
+    files), epath for a bucket (gs://…, "/"-separated)."""
+
+    def __init__(self, root: PathLike):
+        self.remote = storage.is_remote(root)
+        self.root = os.fspath(root).rstrip("/") if self.remote else os.fspath(root)
+        self.sep = "/" if self.remote else os.sep
+        self.join = posixpath.join if self.remote else os.path.join
+
+    def walk(self):
+        if not self.remote:
+            yield from os.walk(self.root)
+            return
+        scheme = self.root.split("://")[0] + "://"
+        for folder, dirs, files in storage.path(self.root).walk():
+            folder = os.fspath(folder)  # epath's fsspec backend drops the scheme here, tf.io.gfile keeps it
+            yield folder if folder.startswith(scheme) else scheme + folder, dirs, files
+
+    def listdir(self, folder: str) -> set[str]:
+        if not self.remote:
+            return set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        p = storage.path(folder)
+        return {c.name for c in p.iterdir()} if p.is_dir() else set()
+
+    def relative_parts(self, path: str) -> list[str]:
+        if self.remote:
+            return path[len(self.root) + 1:].split("/")
+        return os.path.relpath(path, self.root).split(os.sep)
+
+
+def _parallel_box_file(tree: _Tree, image: str) -> str | None:
     """root/images/<dirs>/<stem>.<ext> -> root/bbox/<dirs>/<stem>.txt; None for an image outside images/."""
-    parts = os.path.relpath(image, root).split(os.sep)
+    parts = tree.relative_parts(image)
     if len(parts) < 2 or parts[0] != "images":
         return None
-    return os.path.splitext(os.path.join(root, "bbox", *parts[1:]))[0] + ".txt"
+    return os.path.splitext(tree.join(tree.root, "bbox", *parts[1:]))[0] + ".txt"
 
 
-def scan_box_files(root: Path) -> list[tuple[str, str]]:
+def scan_box_files(root: PathLike) -> list[tuple[str, str]]:
     """(image, box file) for every image under `root` that has a box file, folders and names in sorted order.
     Paths are kept as strings and folders listed once: the release's OpenImages tree has two million files."""
-    root = str(root)
+    tree = _Tree(root)
     listed: dict[str, set[str]] = {}  # the bbox/ folders, listed when first needed
 
     def exists(path: str) -> bool:
-        folder, name = os.path.split(path)
+        folder, name = path.rsplit(tree.sep, 1)
         if folder not in listed:
-            listed[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+            listed[folder] = tree.listdir(folder)
         return name in listed[folder]
 
     found = []
-    for folder, dirs, files in os.walk(root):
+    for folder, dirs, files in tree.walk():
         dirs.sort()
         here = set(files)
         for name in sorted(files):
             stem, ext = os.path.splitext(name)
             if ext.lower() not in IMAGE_SUFFIXES:
                 continue
-            image = os.path.join(folder, name)
+            image = tree.join(folder, name)
             if stem + ".txt" in here:
-                found.append((image, os.path.join(folder, stem + ".txt")))
-            elif (parallel := _parallel_box_file(root, image)) and exists(parallel):
+                found.append((image, tree.join(folder, stem + ".txt")))
+            elif (parallel := _parallel_box_file(tree, image)) and exists(parallel):
                 found.append((image, parallel))
     return found
 
@@ -172,12 +205,12 @@ class FolderSource:
 
     Images are decoded in `__getitem__`; a missing or undecodable one raises CorruptItem naming the file."""
 
-    def __init__(self, root: str | Path, annotations: str | Path | None = None):
-        self.root = Path(root)
+    def __init__(self, root: PathLike, annotations: PathLike | None = None):
+        self.root = storage.path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: not a folder")
         if annotations is not None:
-            self._items = read_jsonl(Path(annotations), self.root)
+            self._items = read_jsonl(storage.path(annotations), self.root)
         else:
             self._items = scan_box_files(self.root)
         if not self._items:
@@ -190,7 +223,7 @@ class FolderSource:
     def __getitem__(self, i: int) -> dict:
         path, boxes = self._items[i]
         if isinstance(boxes, str):
-            boxes = read_box_file(Path(boxes))
+            boxes = read_box_file(boxes)
         try:
             image = images.to_rgb(images.load_image(path), str(path))
         except images.ImageError as e:

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 
-from pbe_jax import batch, images
+from pbe_jax import batch, images, storage
 from pbe_jax.data import benchmark, synthetic
 from pbe_jax.eval import attributes
 from pbe_jax.eval.metrics import EmbedFn, cosine, crop, feature_stats, frechet_distance, in_batches, psnr, ssim
+from pbe_jax.storage import Path, PathLike
 
 LABELS_FILE = "labels.jsonl"
 
@@ -31,7 +31,7 @@ LABELS_FILE = "labels.jsonl"
 def read_labels(benchmark_dir: Path) -> dict[str, dict]:
     """The benchmark's labels.jsonl, checked for what scoring needs: id → {"box": [x0, y0, x1, y1],
     "attributes": [shape, colour, pattern] or None}."""
-    path = Path(benchmark_dir) / LABELS_FILE
+    path = storage.path(benchmark_dir) / LABELS_FILE
     out = {}
     for item_id, row in benchmark.read_labels(benchmark_dir).items():
         where = f"{path}, id {item_id}"
@@ -58,7 +58,7 @@ def read_labels(benchmark_dir: Path) -> dict[str, dict]:
 def _vocabulary_problem(benchmark_dir: Path) -> str | None:
     """Why the benchmark's attribute indices would not mean what the classifier's do, if they would not:
     benchmark.json records the vocabularies the benchmark was made with."""
-    meta = Path(benchmark_dir) / "benchmark.json"
+    meta = storage.path(benchmark_dir) / "benchmark.json"
     if not meta.is_file():
         return None
     made = json.loads(meta.read_text())
@@ -113,14 +113,15 @@ def _mean(values: list) -> dict | None:
 def _embedded(cache: dict, fn: EmbedFn, benchmark_dir: Path, what: str, items: list[Item]) -> np.ndarray:
     """fn over the benchmark images `what` ("reference" or "source") of `items`, each computed once per
     (benchmark, fn, what) in `cache`."""
-    store = cache.setdefault((str(benchmark_dir.resolve()), fn, what), {})
+    store = cache.setdefault((str(benchmark_dir if storage.is_remote(benchmark_dir) else benchmark_dir.resolve()), fn,
+                              what), {})
     todo = [it for it in items if it.id not in store]
     if todo:
         store.update(zip([it.id for it in todo], in_batches(fn, [getattr(it, what) for it in todo])))
     return np.stack([store[it.id] for it in items])
 
 
-def evaluate(results_dir: str | Path, benchmark_dir: str | Path, *, embed_fn: EmbedFn | None = None,
+def evaluate(results_dir: PathLike, benchmark_dir: PathLike, *, embed_fn: EmbedFn | None = None,
              classifier: attributes.AttributeClassifier | None = None, inception_fn: EmbedFn | None = None,
              fid_stats: tuple[np.ndarray, np.ndarray] | None = None, batch_size: int = 32,
              cache: dict | None = None) -> dict:
@@ -135,7 +136,7 @@ def evaluate(results_dir: str | Path, benchmark_dir: str | Path, *, embed_fn: Em
     "psnr", "ssim": {"mean", "n"}, "attributes": {"shape", "colour", "pattern", "all", "n"}, "fid": {"value",
     "n"}}, "skipped": {metric: why}, "per_item": [{"id", "box", "clip", "psnr", "ssim", "predicted",
     "label"}]}. A metric that could not be computed is None in "metrics" and explained in "skipped"."""
-    results_dir, benchmark_dir = Path(results_dir), Path(benchmark_dir)
+    results_dir, benchmark_dir = storage.path(results_dir), storage.path(benchmark_dir)
     cache = {} if cache is None else cache
     if not results_dir.is_dir():
         raise FileNotFoundError(f"{results_dir}: no such results folder")
@@ -144,7 +145,8 @@ def evaluate(results_dir: str | Path, benchmark_dir: str | Path, *, embed_fn: Em
     vocabulary = _vocabulary_problem(benchmark_dir) if labels else None
     if vocabulary:
         classifier = None
-    present = [j for j in jobs if batch.output_path(results_dir, j).is_file()]
+    finished = storage.names(results_dir)  # one listing, not a request per item (buckets)
+    present = [j for j in jobs if batch.output_path(results_dir, j).name in finished]
     missing = sorted({j.id for j in jobs} - {j.id for j in present})
     rows, failed, fake, real, resized = [], [], [], [], 0
     # In chunks, so a benchmark of thousands of 512² images never sits in memory at once.

@@ -5,6 +5,7 @@ Markdown. RESULTS holds RESULTS/<id>.png (what `python sample.py --batch BENCH -
 COCOEE-layout folder (source/, mask/, reference/; masks white = edited) with, optionally, labels.jsonl:
 {"id": ..., "box": [x0, y0, x1, y1], "reference": {"shape": i, "colour": i, "pattern": i}} per line.
 The generated region of an item is the result cropped to its box (the mask's bounding box without labels).
+Every folder and file may be local or in a bucket (gs://...).
 
   CLIP        cosine similarity of the CLIP tower's pooled embeddings of the generated region and the
               reference (the paper prints it x 100); needs --model
@@ -22,7 +23,6 @@ import argparse
 import importlib
 import json
 import sys
-from pathlib import Path
 
 CLASSIFIER_DIR = "attribute_classifier"  # under the benchmark folder, where a trained classifier is cached
 
@@ -66,9 +66,10 @@ def import_function(spec: str):
 
 def get_classifier(args):
     """Load the classifier, or train it and save it for the next run (a read-only benchmark only warns)."""
+    from pbe_jax import storage
     from pbe_jax.eval import attributes
 
-    folder = Path(args.classifier) if args.classifier else Path(args.benchmark) / CLASSIFIER_DIR
+    folder = storage.path(args.classifier) if args.classifier else storage.path(args.benchmark) / CLASSIFIER_DIR
     if (folder / attributes.CONFIG_FILE).is_file():
         return attributes.load(folder)
     print(f"training the attribute classifier (saved to {folder})", file=sys.stderr)
@@ -137,23 +138,24 @@ def per_item_table(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from pbe_jax import storage
     from pbe_jax.eval import LABELS_FILE, evaluate, metrics
 
     try:
         for folder, what in [(r, "results") for r in args.results] + [(args.benchmark, "benchmark")]:
-            if not Path(folder).is_dir():  # before a minute of classifier training, not after
+            if not storage.path(folder).is_dir():  # before a minute of classifier training, not after
                 raise FileNotFoundError(f"{folder}: no such {what} folder")
         embed_fn = metrics.clip_embedder(args.model) if args.model else None
         inception_fn = import_function(args.inception) if args.inception else None
         fid_stats = metrics.load_stats(args.fid_stats) if args.fid_stats else None
-        has_labels = (Path(args.benchmark) / LABELS_FILE).is_file()
+        has_labels = (storage.path(args.benchmark) / LABELS_FILE).is_file()
         classifier = get_classifier(args) if has_labels and not args.no_attributes else None
         cache = {}  # the benchmark's reference embeddings and source features, shared by all folders
         reports = {folder: evaluate(folder, args.benchmark, embed_fn=embed_fn, classifier=classifier,
                                     inception_fn=inception_fn, fid_stats=fid_stats, batch_size=args.batch_size,
                                     cache=cache)
                    for folder in args.results}
-    except (FileNotFoundError, ValueError) as e:  # WeightsError, ConfigError and ImageError are ValueErrors
+    except (OSError, ValueError) as e:  # WeightsError, ConfigError and ImageError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 1
     for report in reports.values():
@@ -163,7 +165,7 @@ def main(argv=None) -> int:
         print(json.dumps(reports if len(reports) > 1 else reports[args.results[0]], indent=2))
         return 0
     if len(reports) > 1:
-        names = [Path(f).name for f in reports]  # the folders' own names when those tell them apart
+        names = [storage.path(f).name for f in reports]  # the folders' own names when those tell them apart
         print(comparison_table(dict(zip(names if len(set(names)) == len(names) else reports, reports.values()))))
     for folder, report in reports.items():
         if len(reports) == 1 or args.per_item:

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -28,12 +27,14 @@ import optax
 from flax import nnx
 from PIL import Image, ImageFilter
 
+from pbe_jax import storage
 from pbe_jax.convert import mapping
 from pbe_jax.convert.weights import load_file, save_safetensors
 from pbe_jax.data.synthetic import COLOURS, PATTERNS, SHAPES, render_scene
 from pbe_jax.eval.metrics import crop
 from pbe_jax.models import ConfigError, Policy
 from pbe_jax.models.layers import conv, group_norm, linear
+from pbe_jax.storage import Path, PathLike
 
 ATTRIBUTES = ("shape", "colour", "pattern")
 CONFIG_FILE, PARAMS_FILE = "config.json", "params.safetensors"
@@ -213,20 +214,20 @@ def train_classifier(steps: int = TRAIN_STEPS, seed: int = 0, *, batch_size: int
     return model, score
 
 
-def save(classifier: AttributeClassifier, folder: str | Path, info: dict | None = None) -> Path:
+def save(classifier: AttributeClassifier, folder: PathLike, info: dict | None = None) -> Path:
     """Write `folder/config.json` (with `info`, e.g. the training score) and `folder/params.safetensors`."""
-    folder = Path(folder)
+    folder = storage.path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     params = {mapping.flax_name(p): a for p, a in mapping.module_params(classifier).items()}
     save_safetensors(params, folder / PARAMS_FILE, {"format": FORMAT})
     config = {"format": FORMAT, **classifier.config.to_dict(), "attributes": list(ATTRIBUTES),
               "info": dict(info or {})}
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    storage.write_text(folder / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     return folder
 
 
-def load(folder: str | Path) -> AttributeClassifier:
-    folder = Path(folder)
+def load(folder: PathLike) -> AttributeClassifier:
+    folder = storage.path(folder)
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {CONFIG_FILE}; not a saved attribute classifier")

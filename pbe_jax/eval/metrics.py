@@ -9,14 +9,16 @@ tower (`clip_embedder`), Inception features from a callable the user supplies.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import io
+import os
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
-from pbe_jax import images
+from pbe_jax import images, storage
+from pbe_jax.storage import Path, PathLike
 
 EmbedFn = Callable[[Sequence[np.ndarray]], np.ndarray]  # uint8 images of any sizes → (N, D) vectors
 
@@ -147,10 +149,10 @@ def clip_embedder(source, *, batch_size: int = 16) -> EmbedFn:
     from pbe_jax.models import CLIPVisionModel, PaintByExampleImageEncoder
 
     fe = None
-    if isinstance(source, (str, Path)):
-        if not Path(source).is_dir():
+    if isinstance(source, (str, os.PathLike)):
+        if not storage.path(source).is_dir():
             raise FileNotFoundError(f"{source}: no such folder (expected a Paint-by-Example or CLIP folder)")
-        tower, fe = _clip_folder(Path(source))
+        tower, fe = _clip_folder(storage.path(source))
     elif isinstance(source, PaintByExampleModels):
         tower, fe = source.image_encoder.model, source.extra_configs.get("feature_extractor")
     elif isinstance(source, PaintByExampleImageEncoder):
@@ -220,14 +222,16 @@ def fid(real_images: Sequence[np.ndarray], fake_images: Sequence[np.ndarray], in
                             *feature_stats(in_batches(inception_fn, fake_images, batch_size)))
 
 
-def save_stats(path: str | Path, mu, sigma) -> None:
+def save_stats(path: PathLike, mu, sigma) -> None:
     """Feature statistics as `.npz` with arrays `mu` (D,) and `sigma` (D, D), e.g. of a real image set."""
-    np.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+    buffer = io.BytesIO()
+    np.savez(buffer, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+    storage.write_bytes(path, buffer.getvalue())
 
 
-def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def load_stats(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
     try:
-        with np.load(path) as z:
+        with np.load(storage.local_or_buffer(path)) as z:
             mu, sigma = z["mu"], z["sigma"]
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path}: not an .npz with arrays 'mu' (D,) and 'sigma' (D, D) ({e})") from e

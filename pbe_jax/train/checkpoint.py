@@ -1,21 +1,25 @@
 """Checkpoints with orbax: the train state (params, optimiser, EMA, step, RNG), the data iterator's state and
-the config, saved atomically (orbax writes to a temporary folder and renames), asynchronously, keeping the
-last N."""
+the config, saved asynchronously, keeping the last N, and atomically: on a local disk orbax writes a temporary
+folder and renames it; on gs:// (no rename) it writes the step folder in place and marks it complete with
+`commit_success.txt` last, and steps without that marker are neither listed nor restored."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
 
+from pbe_jax import storage
+
 
 class Checkpoints:
-    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: storage.PathLike, keep: int = 3, async_save: bool = True):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        directory = storage.path(directory)
+        self.directory = directory if storage.is_remote(directory) else directory.resolve()
         self.manager = ocp.CheckpointManager(
-            Path(directory).resolve(), item_names=("state", "data", "config"),
+            self.directory, item_names=("state", "data", "config"),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                  create=True))
 

@@ -6,16 +6,14 @@ import dataclasses
 import functools
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
-from pbe_jax import convert, parallel
+from pbe_jax import convert, parallel, storage
 from pbe_jax.batch import save_png
 from pbe_jax.convert import init as initialise
 from pbe_jax.convert import mapping
@@ -24,7 +22,9 @@ from pbe_jax.models import CLIPVisionConfig, Policy, UNet2DConditionModel, UNetC
 from pbe_jax.train import state as train_state
 from pbe_jax.train.checkpoint import Checkpoints, abstract
 from pbe_jax.train.config import TrainConfig, differences, from_dict, to_dict
+from pbe_jax.storage import Path, PathLike
 from pbe_jax.train.metrics import MetricsWriter
+from pbe_jax.train.preemption import Preempted, PreemptionWatch
 from pbe_jax.train.step import StepConfig, train_step
 
 
@@ -108,9 +108,7 @@ class Trainer:
         process's own device, so that one process can sample or export alone; that gather is a collective,
         so every process must call this."""
         params = self.state.ema if (use_ema and self.state.ema is not None) else self.state.params
-        frozen = self.state.frozen
-        if jax.process_count() > 1:
-            params, frozen = jax.tree.map(jnp.asarray, multihost_utils.process_allgather((params, frozen), tiled=True))
+        params, frozen = parallel.gather((params, self.state.frozen), self.mesh)
         nets = nnx.merge(self.graphdef, params, frozen)
         return convert.PaintByExampleModels(nets.unet, nets.vae, nets.image_encoder, dict(self.extra_configs))
 
@@ -155,12 +153,18 @@ def _trainer(cfg: TrainConfig, models: convert.PaintByExampleModels, mesh: jax.s
     if abstract:
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
     else:
-        state = jax.device_put(state, shardings)
+        state = parallel.place(state, shardings)
     schedule = NoiseSchedule.from_config(models.extra_configs.get("scheduler"))
     batch_sharding = jax.sharding.NamedSharding(mesh, parallel.BATCH)
-    step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
-                                        cfg=StepConfig.from_train_config(cfg)),
-                      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
+    step = functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
+                             cfg=StepConfig.from_train_config(cfg))
+
+    def step_in_mesh(state, batch):
+        with parallel.abstract_mesh(mesh):
+            return step(state, batch)
+
+    step_fn = jax.jit(step_in_mesh, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                      donate_argnums=0)
     return Trainer(cfg, graphdef, state, mesh, step_fn, shardings, dict(models.extra_configs))
 
 
@@ -211,34 +215,44 @@ def _pretrain(cfg: TrainConfig, workdir: Path) -> dict:
     return last
 
 
-def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
-    """Run (or resume) training in `workdir`; returns the final metrics. Raises TrainingDiverged on a
-    non-finite loss, leaving the last good checkpoint in place."""
+def open_workdir(workdir: PathLike) -> Path:
+    """The run's folder, local or in a bucket, created if needed; an object store that cannot be reached (by
+    epath, or by tensorstore, which writes orbax's arrays) is a clear error here rather than a hang later."""
+    workdir = storage.path(workdir)
+    storage.check_reachable(workdir)
+    storage.check_checkpoint_store(workdir / "checkpoints")
+    workdir.mkdir(parents=True, exist_ok=True)
+    return workdir
+
+
+def train(cfg: TrainConfig, workdir: PathLike, *, resume: bool = False, progress: bool = True) -> dict:
+    """Run (or resume) training in `workdir` (a local folder or gs://…); returns the final metrics. Raises
+    TrainingDiverged on a non-finite loss, leaving the last good checkpoint in place, and Preempted after
+    checkpointing the step at which a SIGTERM stopped the run (`PreemptionWatch`)."""
     from tqdm import tqdm
 
     if cfg.distributed:
-        jax.distributed.initialize()
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+        parallel.initialize_distributed()
+    workdir = open_workdir(workdir)
     lead = jax.process_index() == 0
     if cfg.mode in ("vae", "tower"):
         return _pretrain(cfg, workdir)
-    trainer = build_trainer(cfg)
     ckpt = Checkpoints(workdir / "checkpoints", keep=cfg.keep_checkpoints)
     latest = ckpt.latest_step()
     if latest is not None and not resume:
         ckpt.close()
         raise FileExistsError(f"{workdir / 'checkpoints'} already has checkpoints; pass --resume to continue "
                               f"or choose another workdir")
+    trainer = build_trainer(cfg)
     loader = make_loader(cfg, seed=cfg.seed)
     start = 0
     if latest is not None:
         start = latest
         trainer.state, data_state = ckpt.restore(start, abstract(trainer.state, trainer.shardings))
         loader.set_state(data_state)
+        changed = differences(ckpt.config(start), to_dict(cfg))  # on every process: orbax synchronises them
         if lead:
             print(f"resumed from step {start}")
-            changed = differences(ckpt.config(start), to_dict(cfg))
             if changed:  # on purpose (more steps, another lr) or not (a forgotten override): said either way
                 print(f"note: the config differs from the one saved with step {start}: {'; '.join(changed)}")
     sample_batch = None
@@ -248,6 +262,7 @@ def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, progre
     writer = MetricsWriter(workdir, enabled=lead)
     bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not (progress and lead))
     last_good, pending, metrics, t0, n0 = start, None, {}, time.perf_counter(), start
+    preempted = None
 
     def check(step: int, m) -> dict:
         m = {k: float(v) for k, v in jax.device_get(m).items()}
@@ -256,40 +271,51 @@ def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, progre
                                    f"step {last_good} in {workdir / 'checkpoints'}")
         return m
 
+    def save(step: int) -> None:
+        ckpt.save(step, trainer.state, loader.get_state(), to_dict(cfg))
+        writer.flush()  # the metrics in storage reach at least as far as the checkpoint
+
     try:
-        for step in range(start, cfg.steps):
-            batch = parallel.global_batch(next(loader), trainer.mesh)
-            trainer.state, m = trainer.step_fn(trainer.state, batch)
-            if pending is not None:  # read the previous step's loss while this one runs
-                metrics = check(*pending)
-            pending = (step + 1, m)
-            done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.steps or done % cfg.ckpt_every == 0:
-                metrics = check(*pending)
-                pending = None
-                dt = time.perf_counter() - t0
-                rate = (done - n0) / dt
-                log = {**metrics, "steps_per_s": rate, "samples_per_s": rate * cfg.data.batch_size,
-                       **{f"data/{k}": v for k, v in getattr(loader, "stats", {}).items()}}
-                writer.write(done, log)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", steps_s=f"{rate:.2f}",
-                                samples_s=f"{rate * cfg.data.batch_size:.1f}")
-                t0, n0 = time.perf_counter(), done
-            if done % cfg.ckpt_every == 0 or done == cfg.steps:
-                ckpt.save(done, trainer.state, loader.get_state(), to_dict(cfg))
-                last_good = done
-            if cfg.sample_every and done % cfg.sample_every == 0:
-                models = trainer.models()  # on every process (a collective); process 0 draws
-                if lead:
-                    (workdir / "samples").mkdir(exist_ok=True)
-                    save_png(_sample_grid(trainer, models, sample_batch, cfg.sample_steps),
-                             workdir / "samples" / f"step_{done:07d}.png")
-            bar.update(1)
+        with PreemptionWatch() as watch:
+            for step in range(start, cfg.steps):
+                batch = parallel.global_batch(next(loader), trainer.mesh)
+                trainer.state, m = trainer.step_fn(trainer.state, batch)
+                if pending is not None:  # read the previous step's loss while this one runs
+                    metrics = check(*pending)
+                pending = (step + 1, m)
+                done = step + 1
+                stop = watch.reached(done)
+                if done % cfg.log_every == 0 or done == cfg.steps or done % cfg.ckpt_every == 0 or stop:
+                    metrics = check(*pending)
+                    pending = None
+                    dt = time.perf_counter() - t0
+                    rate = (done - n0) / dt
+                    log = {**metrics, "steps_per_s": rate, "samples_per_s": rate * cfg.data.batch_size,
+                           **{f"data/{k}": v for k, v in getattr(loader, "stats", {}).items()}}
+                    writer.write(done, log)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", steps_s=f"{rate:.2f}",
+                                    samples_s=f"{rate * cfg.data.batch_size:.1f}")
+                    t0, n0 = time.perf_counter(), done
+                if done % cfg.ckpt_every == 0 or done == cfg.steps or stop:
+                    save(done)
+                    last_good = done
+                if stop:
+                    preempted = done
+                    break
+                if cfg.sample_every and done % cfg.sample_every == 0:
+                    models = trainer.models()  # on every process (a collective); process 0 draws
+                    if lead:
+                        (workdir / "samples").mkdir(parents=True, exist_ok=True)
+                        save_png(_sample_grid(trainer, models, sample_batch, cfg.sample_steps),
+                                 workdir / "samples" / f"step_{done:07d}.png")
+                bar.update(1)
     finally:
         bar.close()
         loader.close()
-        ckpt.close()
+        ckpt.close()  # waits for the last save to be complete in storage
         writer.close()
+    if preempted is not None:
+        raise Preempted(preempted, str(workdir / "checkpoints"))
     if cfg.export:
         models = trainer.models()  # on every process (a collective); process 0 writes
         if lead:
@@ -297,13 +323,14 @@ def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, progre
     return metrics
 
 
-def export_checkpoint(workdir: str | Path, step: int | None = None, out: str | Path | None = None) -> tuple[int, Path]:
+def export_checkpoint(workdir: PathLike, step: int | None = None, out: PathLike | None = None) -> tuple[int, Path]:
     """Write the models of checkpoint `step` (default: the latest) of the run in `workdir` as a diffusers
     folder, as the run's end does: for a run stopped before its end, or an earlier step. The model is built
     from the config saved with the checkpoint. `out` defaults to workdir/export for the latest checkpoint and
     workdir/export_<step> for another; it is replaced whole, and only once the new folder is complete.
     Returns (step, out). With several processes every process must call this (the weights are gathered)."""
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
+    storage.check_reachable(workdir)
     if not (workdir / "checkpoints").is_dir():  # before orbax would create it
         raise FileNotFoundError(f"{workdir / 'checkpoints'}: no such folder; nothing to export")
     ckpt = Checkpoints(workdir / "checkpoints")
@@ -320,7 +347,7 @@ def export_checkpoint(workdir: str | Path, step: int | None = None, out: str | P
         trainer.state, _ = ckpt.restore(step, abstract(trainer.state, trainer.shardings))
     finally:
         ckpt.close()
-    out = Path(out) if out is not None else workdir / ("export" if step == steps[-1] else f"export_{step}")
+    out = storage.path(out) if out is not None else workdir / ("export" if step == steps[-1] else f"export_{step}")
     models = trainer.models()  # on every process (a collective); process 0 writes
     if jax.process_index() == 0:
         convert.save_replacing(models, out, format="diffusers")

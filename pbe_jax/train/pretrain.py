@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Callable, Iterator
 
 import jax
@@ -16,12 +15,14 @@ import numpy as np
 import optax
 from flax import nnx
 
+from pbe_jax import storage
 from pbe_jax.convert import mapping, save_component
 from pbe_jax.convert.init import BOTTLENECK, random_module, random_params
 from pbe_jax.data import synthetic
 from pbe_jax.models import (AutoencoderKL, CLIPVisionConfig, CLIPVisionModel, PaintByExampleImageEncoder, Policy,
                             VAEConfig)
 from pbe_jax.models.layers import linear
+from pbe_jax.storage import Path
 from pbe_jax.train.config import TrainConfig
 
 Log = Callable[[int, dict], None]
@@ -100,7 +101,7 @@ def train_vae(cfg: TrainConfig, workdir: Path, log: Log) -> Path:
     # Measured on the stream's first batches again (a new iterator, same seed): any scenes of the world do.
     first = scene_batches(d.image_size, d.scene_size or d.image_size, d.batch_size, cfg.seed, d.size)
     vae.config = dataclasses.replace(vae.config, scaling_factor=latent_scaling_factor(vae, first))
-    out = Path(workdir) / "export" / "vae"
+    out = storage.path(workdir) / "export" / "vae"
     save_component(vae, out, "vae", format="jax")
     return out
 
@@ -183,6 +184,6 @@ def train_tower(cfg: TrainConfig, workdir: Path, log: Log) -> Path:
     tower = {("model",) + p: a for p, a in mapping.module_params(model.tower).items()}
     fresh = random_params(PaintByExampleImageEncoder, ccfg, Policy(), cfg.seed, only=BOTTLENECK)
     encoder = mapping.materialize(PaintByExampleImageEncoder, ccfg, Policy(), {**tower, **fresh}, "trained tower")
-    out = Path(workdir) / "export" / "image_encoder"
+    out = storage.path(workdir) / "export" / "image_encoder"
     save_component(encoder, out, "image_encoder", format="jax")
     return out
