@@ -294,8 +294,10 @@ def test_killed_then_preempted_in_a_bucket_resumes_bit_identically(bucket_dir, t
     wait_for(f"{run}/checkpoints/8/commit_success.txt", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    again = run_train(run, *FOREVER)  # without --resume: refused, nothing touched
-    assert again.returncode == 1 and "already has checkpoints; pass --resume" in again.stderr, again.stderr[-3000:]
+    from pbe_jax.train.loop import train
+
+    with pytest.raises(FileExistsError, match="already has checkpoints; pass --resume"):  # nothing touched
+        train(micro_config(*FOREVER), run)
 
     proc = run_train(run, *FOREVER, "--resume", wait=False)
     wait_for(f"{run}/checkpoints/16/commit_success.txt", proc)
