@@ -141,14 +141,15 @@ def run(jobs: list[Job], out_dir: PathLike, edit: Callable[[list, list, list, li
         batch_size: int, seed: int, progress: Callable[..., Iterable] | None = None,
         shard: tuple[int, int] = (0, 1)) -> dict:
     """Edit every job of `shard` (index, count) whose output does not exist yet. `edit(sources, masks,
-    references, seeds)` returns uint8 images, and is always given `batch_size` rows. Each job's seed is `seed` +
-    its index in the full job list, so a resumed or sharded run gives the same pictures (with the same
-    `batch_size`). Unreadable inputs are skipped and recorded in
+    references, seeds)` returns uint8 images, and is always given `batch_size` rows (at most the number of jobs
+    in the whole list). Each job's seed is `seed` + its index in the whole list, so a resumed or sharded run
+    gives the same pictures (with the same `batch_size`). Unreadable inputs are skipped and recorded in
     this run's failures file (`failures_file(shard)`, rewritten by each run: every job without an output is
     tried again). Returns counts and the failure records."""
     out_dir = storage.path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     index = {job.id: i for i, job in enumerate(jobs)}
+    batch_size = max(1, min(batch_size, len(jobs)))  # of the whole list: the same in every shard and resume
     mine = shard_of(jobs, *shard)
     finished = storage.names(out_dir)  # one listing, not a request per job (buckets)
     todo = [j for j in mine if output_path(out_dir, j).name not in finished]
