@@ -4,6 +4,7 @@ end."""
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -273,6 +274,19 @@ def wait_for(path, proc, seconds=300):
     pytest.fail(f"{path} never appeared: {proc.communicate()[1][-3000:]}")
 
 
+def tensorboard_steps(data: bytes) -> int:
+    """The last step of a TensorBoard event file, read record by record (length, crc, event, crc)."""
+    from tensorboard.compat.proto import event_pb2
+
+    last, at = -1, 0
+    while at < len(data):
+        (length,) = struct.unpack("<Q", data[at:at + 8])
+        last = max(last, event_pb2.Event.FromString(data[at + 12:at + 12 + length]).step)
+        at += 12 + length + 4
+    assert at == len(data)
+    return last
+
+
 def preempted_step(stdout: str) -> int:
     return int(stdout.split("preempted: checkpoint at step ")[1].split()[0])
 
@@ -324,6 +338,10 @@ def test_killed_then_preempted_in_a_bucket_resumes_bit_identically(bucket_dir, t
     assert whole.returncode == 0, whole.stderr[-3000:]
     storage.refresh(run)
     assert_same_params(final_params(tmp_path / "whole"), final_params_of(f"{run}/export"))
+    # TensorBoard: one event file per session in the bucket, complete records, the last one at the last step.
+    events = sorted(storage.names(f"{run}/tensorboard"))
+    assert len(events) == 3 and all(name.startswith("events.out.tfevents.") for name in events)
+    assert max(tensorboard_steps(storage.path(f"{run}/tensorboard/{name}").read_bytes()) for name in events) == step + 3
 
 
 def run_two(workdir, *extra):
