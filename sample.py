@@ -30,6 +30,7 @@ import json
 import sys
 from pathlib import Path
 
+SAMPLERS = ("plms", "ddim", "dpmpp_2m", "unipc")  # pbe_jax.diffusion.SAMPLERS, without importing JAX for --help
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "checkpoints" / "synthetic"
 DEFAULT_EXAMPLE = ROOT / "examples" / "synthetic"
@@ -37,7 +38,21 @@ DEFAULT_OUT = Path("out") / "edit.png"
 GRID_HEIGHT = 256  # smaller edits are enlarged (whole pixels) in the grid, for looking at
 
 
-def parse_args(argv=None):
+def at_least(low, kind=int):
+    """An argparse type: a number ≥ `low`, else argparse's own one-line error (exit status 2)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained", default=str(DEFAULT_MODEL),
                    help="model folder, checkpoint, or Hub repository id (default: the shipped synthetic model, "
@@ -47,17 +62,21 @@ def parse_args(argv=None):
     p.add_argument("--reference", help="exemplar image (one edit)")
     p.add_argument("--batch", help="a JSONL manifest or a COCOEE-layout folder (many edits)")
     p.add_argument("--out", help=f"output PNG (one edit; default {DEFAULT_OUT}) or folder (batch, required)")
-    p.add_argument("--samples", type=int, default=1,
+    p.add_argument("--samples", type=at_least(1), default=1,
                    help="one edit: how many edits to draw, seeds seed .. seed+N-1 (out.png, out_1.png, ...)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    p.add_argument("--scale", type=float, default=5.0,
+    p.add_argument("--steps", type=at_least(1), default=50, help="denoising steps (default 50)")
+    p.add_argument("--scale", type=at_least(0.0, float), default=5.0,
                    help="classifier-free guidance scale (default 5); 1 = the exemplar's condition alone, "
                         "0 = the learned unconditional vector alone (no exemplar)")
     p.add_argument("--seed", type=int, default=0, help="random seed; job i of a batch uses seed + i")
-    p.add_argument("--sampler", choices=["plms", "ddim"], default="plms")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM η (default 0, deterministic)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per step, split over all local devices")
-    p.add_argument("--size", type=int, default=None, help="working resolution (default: the model's, 512 for SD)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="plms",
+                   help="plms (the paper's), ddim, dpmpp_2m (DPM-Solver++ 2M) or unipc, each equal to the diffusers "
+                        "scheduler of that name (default plms)")
+    p.add_argument("--eta", type=at_least(0.0, float), default=0.0, help="DDIM η (default 0, deterministic)")
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="images per step, split over all local devices")
+    p.add_argument("--size", type=at_least(8), default=None,
+                   help="working resolution, a multiple of the autoencoder's factor (default: the model's, 512 for "
+                        "SD)")
     p.add_argument("--keep-unmasked", action="store_true", help="paste the source back outside the mask")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
@@ -67,6 +86,11 @@ def parse_args(argv=None):
                         "and edit this process's share of the jobs")
     p.add_argument("--shard", metavar="I/N", help="batch: edit only share I of N (0 ≤ I < N), without collectives; "
                                                  "the last shard to finish writes the failures summary")
+    return p
+
+
+def parse_args(argv=None, parser: argparse.ArgumentParser | None = None):
+    p = parser or build_parser()
     args = p.parse_args(argv)
     single = [args.image, args.mask, args.reference]
     if args.batch and any(single):
@@ -78,8 +102,8 @@ def parse_args(argv=None):
         p.error("one edit needs --image, --mask and --reference (or none of them for the shipped example)")
     if args.batch and not args.out:
         p.error("--batch needs --out, the results folder")
-    if args.samples < 1 or (args.batch and args.samples != 1):
-        p.error("--samples must be ≥ 1, and is for one edit only")
+    if args.batch and args.samples != 1:
+        p.error("--samples is for one edit only")
     if (args.distributed or args.shard) and not args.batch:
         p.error("--distributed and --shard split a --batch run")
     if args.distributed and args.shard:
@@ -96,7 +120,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parse_args(argv, parser)
     from pbe_jax import parallel
     from pbe_jax.pipeline import PaintByExample
 
@@ -108,6 +133,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     size = args.size or pipe.default_size
+    if size % pipe.vae_factor:
+        parser.error(f"--size {size}: must be a multiple of {pipe.vae_factor}, this model's autoencoder factor")
     options = dict(steps=args.steps, guidance_scale=args.scale, sampler=args.sampler, eta=args.eta,
                    height=size, width=size, keep_unmasked=args.keep_unmasked)
     return (run_batch if args.batch else edit_one)(args, pipe, options)

@@ -11,7 +11,7 @@ error ≤ tolerance × scale. With --dtype bfloat16 the port runs in bf16 agains
 the check is that its error is at most twice PyTorch's own bf16 error on the same inputs.
 End to end, both pipelines start from the same initial latents and encode the masked image with the
 posterior mean (the frameworks cannot draw the same noise); the check is max |Δ| ≤ 2 on the uint8 output,
-for PLMS and DDIM. Exit status 1 when any check fails.
+for PLMS, DDIM, DPM-Solver++ 2M and UniPC. Exit status 1 when any check fails.
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+
+from pbe_jax.diffusion import SAMPLERS
 
 COMPONENTS = ("image_encoder", "vae_encode", "vae_decode", "unet")
 
@@ -143,7 +145,7 @@ def compare_end_to_end(folder, *, batch: int = 2, steps: int = 10, guidance_scal
     latents = rng.standard_normal((batch, ours.models.vae.config.latent_channels, size // f, size // f),
                                   np.float32)
     rows = []
-    for sampler in ("plms", "ddim"):
+    for sampler in SAMPLERS:
         theirs = reference.run_torch_pipeline(reference.torch_pipeline(folder, sampler), img, masks, refs, latents,
                                               steps, guidance_scale)
         mine = ours(img, masks, refs, steps=steps, guidance_scale=guidance_scale, latents=latents,
@@ -155,11 +157,11 @@ def compare_end_to_end(folder, *, batch: int = 2, steps: int = 10, guidance_scal
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = f"{'component':<14}{'shape':<22}{'max abs err':>13}{'scale':>11}{'rel err':>11}{'limit':>11}  ok"
+    head = f"{'component':<18}{'shape':<22}{'max abs err':>13}{'scale':>11}{'rel err':>11}{'limit':>11}  ok"
     lines = [head]
     for r in rows:
         extra = f"  (PyTorch {r['dtype']}: {r['torch_max_abs']:.3g})" if "torch_max_abs" in r else ""
-        lines.append(f"{r['component']:<14}{str(tuple(r['shape'])):<22}{r['max_abs']:>13.3e}{r['scale']:>11.3g}"
+        lines.append(f"{r['component']:<18}{str(tuple(r['shape'])):<22}{r['max_abs']:>13.3e}{r['scale']:>11.3g}"
                      f"{r['rel']:>11.2e}{r['limit']:>11.3g}  {'yes' if r['ok'] else 'NO'}{extra}")
     return "\n".join(lines)
 

@@ -151,8 +151,11 @@ def load_torch(folder: str | Path) -> dict[str, Any]:
 
 def torch_pipeline(folder: str | Path, sampler: str = "plms"):
     """diffusers' `PaintByExamplePipeline` built from a folder's components (diffusers cannot resolve the
-    image encoder's class from a saved model_index.json), with the PNDM or a DDIM scheduler."""
-    from diffusers import DDIMScheduler, PaintByExamplePipeline, PNDMScheduler
+    image encoder's class from a saved model_index.json), with the folder's PNDM scheduler or, for another
+    `sampler`, the diffusers scheduler of that name made from its config with `from_config`, as users swap
+    schedulers (DDIM with clip_sample off, DPM-Solver++ 2M and UniPC with their defaults)."""
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, PaintByExamplePipeline, PNDMScheduler,
+                           UniPCMultistepScheduler)
     from transformers import CLIPImageProcessor
 
     quiet()
@@ -161,6 +164,9 @@ def torch_pipeline(folder: str | Path, sampler: str = "plms"):
     scheduler = PNDMScheduler.from_pretrained(folder / "scheduler")
     if sampler == "ddim":
         scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False)
+    elif sampler in ("dpmpp_2m", "unipc"):
+        cls = DPMSolverMultistepScheduler if sampler == "dpmpp_2m" else UniPCMultistepScheduler
+        scheduler = cls.from_config(scheduler.config)
     pipe = PaintByExamplePipeline(**nets, scheduler=scheduler, safety_checker=None, requires_safety_checker=False,
                                   feature_extractor=CLIPImageProcessor.from_pretrained(folder / "feature_extractor"))
     pipe.set_progress_bar_config(disable=True)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, PNDMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, UniPCMultistepScheduler
 
 from pbe_jax.diffusion import NoiseSchedule, guided, make_tables, sample
 
@@ -104,3 +104,39 @@ def test_guidance_one_call_on_the_concatenated_batch():
     out = guided(eps_fn, cond, uncond, 1.0, False)(x, 10)
     assert calls == [2]
     np.testing.assert_allclose(out, 2.0)
+
+
+MULTISTEP = {"dpmpp_2m": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
+
+
+@pytest.mark.parametrize("sampler", sorted(MULTISTEP))
+@pytest.mark.parametrize("spacing,all_steps", [(None, (1, 2, 3, 10, 20, 25)), ("leading", (10, 20, 25)),
+                                               ("trailing", (10,))])
+def test_multistep_solvers_match_diffusers_step_for_step(sampler, spacing, all_steps):
+    """DPM-Solver++ 2M and UniPC with diffusers' defaults, made from the pipeline's scheduler config as diffusers'
+    `from_config` does (a config without timestep_spacing gets the solver's own default, linspace): the
+    timesteps asked, and the sample after every step, over 10, 20 and 25 steps (and the short edge cases)."""
+    config = dict(CONFIG, **({"timestep_spacing": spacing} if spacing else {}))
+    x = np.random.default_rng(0).standard_normal((2, 4, 6, 5)).astype(np.float32)
+    for steps in all_steps:
+        scheduler = MULTISTEP[sampler].from_config(config)
+        scheduler.set_timesteps(steps)
+        xt, calls, ref = torch.from_numpy(x), [], []
+        for t in scheduler.timesteps:
+            calls.append(int(t))
+            xt = scheduler.step(fake_eps(xt, t), t, xt).prev_sample
+            ref.append(xt.numpy())
+        tables = make_tables(NoiseSchedule.from_config(config), sampler, steps)
+        assert list(tables.timestep) == calls
+        ours = np.asarray(jax.jit(lambda x: sample(fake_eps, x, tables, trajectory=True))(x))
+        assert ours.shape == (steps,) + x.shape
+        for k, (o, r) in enumerate(zip(ours, ref)):
+            err = np.abs(o - r).max() / np.abs(r).max()
+            assert err <= 1e-5, (steps, k, err)
+
+
+def test_samplers_refuse_what_they_do_not_implement():
+    with pytest.raises(ValueError, match="sampler must be one of plms, ddim, dpmpp_2m, unipc, not 'euler'"):
+        make_tables(NoiseSchedule(), "euler", 10)
+    with pytest.raises(ValueError, match="supports timestep_spacing 'leading' only"):
+        make_tables(NoiseSchedule(timestep_spacing="trailing"), "plms", 10)

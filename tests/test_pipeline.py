@@ -37,6 +37,10 @@ def inputs(batch, height, width, seed=0):
     ("sd", "ddim", 3, (32, 48), 5.0),
     ("alt", "plms", 2, (48, 32), 5.0),
     ("alt", "ddim", 1, (48, 48), 1.0),
+    ("sd", "dpmpp_2m", 2, (32, 48), 5.0),
+    ("alt", "dpmpp_2m", 1, (48, 48), 1.0),
+    ("sd", "unipc", 1, (32, 32), 1.0),
+    ("alt", "unipc", 2, (48, 32), 5.0),
 ])
 def test_pipeline_matches_diffusers(pipes, name, sampler, batch, size, scale):
     ours, theirs = pipes(name, sampler)

@@ -1,9 +1,15 @@
 """Samplers as pure functions: per-step tables computed on the host, then the whole denoising loop in one
 `lax.scan` over them. A sampler never sees a network, only `eps_fn(x, t) -> ε`.
 
-PLMS is diffusers' `PNDMScheduler(skip_prk_steps=True)`: N steps take N + 1 ε evaluations (timesteps
-981, 961, 961, 941, … for 50), the second redoing the first step with the average of two ε. DDIM is
-`DDIMScheduler` with η ≥ 0. Latents may have any layout: the update is elementwise.
+Each one equals the diffusers scheduler of the same name step for step:
+- "plms": `PNDMScheduler(skip_prk_steps=True)`; N steps take N + 1 ε evaluations (timesteps 981, 961, 961,
+  941, … for 50), the second redoing the first step with the average of two ε.
+- "ddim": `DDIMScheduler`, η ≥ 0.
+- "dpmpp_2m": `DPMSolverMultistepScheduler` with its defaults (DPM-Solver++, data prediction, order 2,
+  midpoint, lower order at the final step, final sigma zero).
+- "unipc": `UniPCMultistepScheduler` with its defaults (bh2, order 2, x₀ prediction): the corrector of step i
+  uses the network output of step i + 1, so it costs no extra evaluation; the last step is not corrected.
+All four are one linear multistep update (`Tables`); only the tables differ. Latents may have any layout.
 """
 from __future__ import annotations
 
@@ -16,30 +22,63 @@ import numpy as np
 from pbe_jax.diffusion.schedule import NoiseSchedule
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t, t) -> ε; t is a scalar int32
+SAMPLERS = ("plms", "ddim", "dpmpp_2m", "unipc")
+HISTORY = 4  # network outputs kept (PLMS's fourth-order Adams–Bashforth needs four)
 
 
 class Tables(NamedTuple):
-    """One row per ε evaluation. x_next = a·x_from + b·ε̂ + c·noise, where x_from is x, or the saved x of
-    PLMS's first step when `restart`, and ε̂ = w_new·ε + Σ_k w_hist[k]·history[k] (history[3] the newest,
-    `push` says whether ε enters the history). DDIM uses w_new = 1 and no history."""
+    """One row per network evaluation, for the update every sampler here is an instance of:
+
+        m      = mx·x + me·ε                        the output in the solver's terms (ε, or x̂₀ = (x − σε)/α)
+        hist   ← m pushed in (newest last)          when `push`
+        y      = cx·x + cl·last + Σₖ ch[k]·hist[k]  the sample the step starts from
+        x_next = a·y + w_new·m + Σₖ w[k]·hist[k] + c·z,  z ~ N(0, I) (DDIM's η)
+        last   = y
+
+    `y` is UniPC's corrected sample and PLMS's restart from the first step's sample; for the others y = x.
+    `clip_x0`: DDIM's clip_sample (x̂₀ clipped to [−1, 1], with ᾱ `alpha`)."""
 
     timestep: np.ndarray  # (S,) int32, what the network is asked at
+    mx: np.ndarray  # (S,)
+    me: np.ndarray  # (S,)
     push: np.ndarray  # (S,) bool
-    restart: np.ndarray  # (S,) bool
-    w_new: np.ndarray  # (S,)
-    w_hist: np.ndarray  # (S, 4)
+    cx: np.ndarray  # (S,)
+    cl: np.ndarray  # (S,)
+    ch: np.ndarray  # (S, HISTORY)
     a: np.ndarray  # (S,)
-    b: np.ndarray  # (S,)
+    w_new: np.ndarray  # (S,)
+    w: np.ndarray  # (S, HISTORY)
     c: np.ndarray  # (S,)
-    alpha: np.ndarray  # (S,) ᾱ at the step's timestep, for clip_x0
-    clip_x0: np.ndarray  # (S,) bool: DDIM's clip_sample, x̂_0 clipped to [-1, 1] (ε unchanged)
+    alpha: np.ndarray  # (S,)
+    clip_x0: np.ndarray  # (S,) bool
+
+
+def _row(timestep, *, mx=0.0, me=1.0, push=True, cx=1.0, cl=0.0, ch=None, a=1.0, w_new=0.0, w=None, c=0.0,
+         alpha=1.0, clip_x0=False) -> tuple:
+    zeros = np.zeros(HISTORY)
+    return (int(timestep), mx, me, push, cx, cl, zeros if ch is None else ch, a, w_new, zeros if w is None else w,
+            c, alpha, clip_x0)
+
+
+def _stack(rows) -> Tables:
+    cols = [np.asarray(c) for c in zip(*rows)]
+    kinds = (np.int32, np.float32, np.float32, bool, np.float32, np.float32, np.float32, np.float32, np.float32,
+             np.float32, np.float32, np.float32, bool)
+    return Tables(*(c.astype(k) for c, k in zip(cols, kinds)))
 
 
 def _alpha(schedule: NoiseSchedule, t: int) -> float:
     return float(schedule.alphas_cumprod[t]) if t >= 0 else schedule.final_alpha_cumprod
 
 
+def _leading_only(schedule: NoiseSchedule, sampler: str) -> None:
+    if schedule.timestep_spacing not in (None, "leading"):
+        raise ValueError(f"sampler {sampler!r} supports timestep_spacing 'leading' only (the scheduler config "
+                         f"says {schedule.timestep_spacing!r})")
+
+
 def plms_tables(schedule: NoiseSchedule, steps: int) -> Tables:
+    _leading_only(schedule, "plms")
     ts = schedule.inference_timesteps(steps)[::-1]  # ascending, as diffusers builds them
     plms = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1]
     ratio = schedule.num_train_timesteps // steps
@@ -51,7 +90,7 @@ def plms_tables(schedule: NoiseSchedule, steps: int) -> Tables:
         if not push:  # the repeated first step: from the saved sample, between the first step's timesteps
             prev, t = t, t + ratio
         n_hist = min(n_hist + push, 4)
-        w_new, hist = 0.0, np.zeros(4)
+        w_new, hist = 0.0, np.zeros(HISTORY)
         if counter == 1:
             w_new, hist[3] = 0.5, 0.5
         elif n_hist == 1:
@@ -63,15 +102,17 @@ def plms_tables(schedule: NoiseSchedule, steps: int) -> Tables:
         else:
             hist[:] = (-9 / 24, 37 / 24, -59 / 24, 55 / 24)
         a_t, a_prev = _alpha(schedule, t), _alpha(schedule, prev)
-        denom = a_t * (1 - a_prev) ** 0.5 + (a_t * (1 - a_t) * a_prev) ** 0.5
-        rows.append((int(plms[counter]), push, counter == 1, w_new, hist, (a_prev / a_t) ** 0.5,
-                     -(a_prev - a_t) / denom, 0.0, a_t, False))
+        b = -(a_prev - a_t) / (a_t * (1 - a_prev) ** 0.5 + (a_t * (1 - a_t) * a_prev) ** 0.5)
+        restart = counter == 1
+        rows.append(_row(plms[counter], push=push, cx=0.0 if restart else 1.0, cl=1.0 if restart else 0.0,
+                         a=(a_prev / a_t) ** 0.5, w_new=b * w_new, w=b * hist))
     return _stack(rows)
 
 
 def ddim_tables(schedule: NoiseSchedule, steps: int, eta: float = 0.0) -> Tables:
     if eta < 0:
         raise ValueError(f"eta must be ≥ 0, not {eta}")
+    _leading_only(schedule, "ddim")
     ratio = schedule.num_train_timesteps // steps
     rows = []
     for t in schedule.inference_timesteps(steps):
@@ -81,14 +122,105 @@ def ddim_tables(schedule: NoiseSchedule, steps: int, eta: float = 0.0) -> Tables
         # x_prev = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ²) ε + σ z, with x̂_0 = (x − √(1 − ᾱ_t) ε) / √ᾱ_t
         a = (a_prev / a_t) ** 0.5
         b = (1 - a_prev - std ** 2) ** 0.5 - a * (1 - a_t) ** 0.5
-        rows.append((t, False, False, 1.0, np.zeros(4), a, b, std, a_t, schedule.clip_sample))
+        rows.append(_row(t, a=a, w=np.array([0, 0, 0, b]), c=std, alpha=a_t, clip_x0=schedule.clip_sample))
     return _stack(rows)
 
 
-def _stack(rows) -> Tables:
-    cols = list(zip(*rows))
-    return Tables(np.asarray(cols[0], np.int32), np.asarray(cols[1], bool), np.asarray(cols[2], bool),
-                  *(np.asarray(c, np.float32) for c in cols[3:9]), np.asarray(cols[9], bool))
+class _Sigmas(NamedTuple):
+    """The multistep schedulers' noise levels, as diffusers sets them: σ_j = √((1 − ᾱ)/ᾱ) at the timesteps
+    (float32), then σ = 0 after the last; α_j = 1/√(σ_j² + 1), s_j = σ_j α_j, λ_j = log α_j − log s_j."""
+
+    timesteps: np.ndarray
+    alpha: np.ndarray
+    sigma: np.ndarray
+    lam: np.ndarray
+
+
+def _multistep_sigmas(schedule: NoiseSchedule, steps: int) -> _Sigmas:
+    ts = schedule.multistep_timesteps(steps)
+    full = ((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod) ** 0.5  # float32, as diffusers'
+    sig = np.concatenate([full[ts], [0.0]]).astype(np.float32).astype(np.float64)
+    alpha = 1 / np.sqrt(sig ** 2 + 1)
+    sigma = sig * alpha
+    with np.errstate(divide="ignore"):
+        lam = np.log(alpha) - np.log(sigma)  # +inf after the last step (σ = 0)
+    return _Sigmas(ts, alpha, sigma, lam)
+
+
+def _x0_row(s: _Sigmas, i: int) -> dict:
+    """m = x̂₀ = (x − s_i ε) / α_i: data prediction from ε."""
+    return {"mx": 1 / s.alpha[i], "me": -s.sigma[i] / s.alpha[i]}
+
+
+def dpmpp_2m_tables(schedule: NoiseSchedule, steps: int) -> Tables:
+    s = _multistep_sigmas(schedule, steps)
+    rows = []
+    for i in range(steps):
+        with np.errstate(over="ignore"):
+            h = s.lam[i + 1] - s.lam[i]
+            b = -s.alpha[i + 1] * np.expm1(-h)  # -α_t (e^{-h} - 1)
+        w = np.zeros(HISTORY)
+        if i == 0 or i == steps - 1:  # first order: at the start, and at the final step (final sigma zero)
+            w[3] = b
+        else:  # midpoint: D = m0 + (m0 - m1) / (2 r0)
+            r0 = (s.lam[i] - s.lam[i - 1]) / h
+            w[3], w[2] = b * (1 + 0.5 / r0), -b * 0.5 / r0
+        rows.append(_row(s.timesteps[i], **_x0_row(s, i), a=s.sigma[i + 1] / s.sigma[i], w=w))
+    return _stack(rows)
+
+
+def _unipc_corrector_rhos(h: float, order: int, rk: float | None) -> np.ndarray:
+    """UniPC's corrector coefficients (bh2, x₀ prediction) for a step of size h in λ: [0.5] at order 1; at
+    order 2 the solution of R ρ = b, R = [r^0; r^1] over r = (rk, 1), b_k = k! φ_k(−h)·(−h)^… / B(h) as
+    diffusers builds them."""
+    if order == 1:
+        return np.array([0.5])
+    hh = -h
+    h_phi_k, factorial, b = np.expm1(hh) / hh - 1, 1, []
+    for k in range(1, order + 1):
+        b.append(h_phi_k * factorial / np.expm1(hh))
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    rks = np.array([rk, 1.0])
+    return np.linalg.solve(np.stack([rks ** (k - 1) for k in range(1, order + 1)]), np.array(b))
+
+
+def unipc_tables(schedule: NoiseSchedule, steps: int) -> Tables:
+    s = _multistep_sigmas(schedule, steps)
+
+    def order(i):  # lower order at the start (warm-up) and at the end (lower_order_final)
+        return min(2, steps - i, min(i, 2) + 1)
+
+    rows = []
+    for i in range(steps):
+        # Corrector of this step's start sample, with this step's output (hist: m_i at 3, m_{i-1} at 2, ...).
+        cx, cl, ch = 1.0, 0.0, np.zeros(HISTORY)
+        if i > 0:
+            k = order(i - 1)
+            h = s.lam[i] - s.lam[i - 1]
+            rk = (s.lam[i - 2] - s.lam[i - 1]) / h if k == 2 else None
+            rhos = _unipc_corrector_rhos(h, k, rk)
+            alpha, b_h, h_phi_1 = s.alpha[i], np.expm1(-h), np.expm1(-h)
+            rho_d1, rho_t = (rhos[0], rhos[-1]) if k == 2 else (0.0, rhos[-1])
+            d1 = rho_d1 / rk if k == 2 else 0.0
+            cx, cl = 0.0, s.sigma[i] / s.sigma[i - 1]
+            ch[3] = -alpha * b_h * rho_t
+            ch[2] = -alpha * h_phi_1 + alpha * b_h * d1 + alpha * b_h * rho_t
+            ch[1] = -alpha * b_h * d1
+        # Predictor from the corrected sample.
+        p = order(i)
+        with np.errstate(over="ignore", invalid="ignore"):
+            h = s.lam[i + 1] - s.lam[i]
+            alpha, h_phi_1 = s.alpha[i + 1], np.expm1(-h)
+        w = np.zeros(HISTORY)
+        w[3] = -alpha * h_phi_1
+        if p == 2:
+            rk = (s.lam[i - 1] - s.lam[i]) / h
+            half = 0.5 * alpha * np.expm1(-h) / rk  # α B_h ρ / rk, ρ = 0.5
+            w[3] += half
+            w[2] = -half
+        rows.append(_row(s.timesteps[i], **_x0_row(s, i), cx=cx, cl=cl, ch=ch, a=s.sigma[i + 1] / s.sigma[i], w=w))
+    return _stack(rows)
 
 
 def make_tables(schedule: NoiseSchedule, sampler: str, steps: int, eta: float = 0.0) -> Tables:
@@ -96,13 +228,19 @@ def make_tables(schedule: NoiseSchedule, sampler: str, steps: int, eta: float = 
         return plms_tables(schedule, steps)
     if sampler == "ddim":
         return ddim_tables(schedule, steps, eta)
-    raise ValueError(f"sampler must be 'plms' or 'ddim', not {sampler!r}")
+    if sampler == "dpmpp_2m":
+        return dpmpp_2m_tables(schedule, steps)
+    if sampler == "unipc":
+        return unipc_tables(schedule, steps)
+    raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
 
 
-def sample(eps_fn: EpsFn, x: jax.Array, tables: Tables, key: jax.Array | None = None) -> jax.Array:
+def sample(eps_fn: EpsFn, x: jax.Array, tables: Tables, key: jax.Array | None = None,
+           trajectory: bool = False) -> jax.Array:
     """Run the whole reverse process from x_T (any shape) inside one `lax.scan` over `tables` (which may be
     traced: one compiled loop serves every guidance scale and η). `key` draws DDIM's η-noise: one key for
-    the whole array, or one per row of x (shape (B,)) so that each row's noise is its own."""
+    the whole array, or one per row of x (shape (B,)) so that each row's noise is its own. `trajectory`
+    returns the sample after every row, stacked, instead of the last."""
     key = jax.random.key(0) if key is None else key
 
     def draw(i):
@@ -111,20 +249,19 @@ def sample(eps_fn: EpsFn, x: jax.Array, tables: Tables, key: jax.Array | None = 
         return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], jnp.float32))(key)
 
     def step(carry, row):
-        x, saved, hist = carry
+        x, last, hist = carry
         i, r = row
         eps = eps_fn(x, r.timestep).astype(jnp.float32)
-        hist = jnp.where(r.push, jnp.concatenate([hist[1:], eps[None]]), hist)
-        eps_hat = r.w_new * eps + jnp.tensordot(r.w_hist, hist, axes=1)
-        saved = jnp.where(i == 0, x, saved)
-        x_from = jnp.where(r.restart, saved, x)
-        x0 = jnp.clip((x_from - jnp.sqrt(1 - r.alpha) * eps_hat) / jnp.sqrt(r.alpha), -1, 1)
-        x_from = jnp.where(r.clip_x0, jnp.sqrt(r.alpha) * x0 + jnp.sqrt(1 - r.alpha) * eps_hat, x_from)
-        x_next = r.a * x_from + r.b * eps_hat + r.c * draw(i)
-        return (x_next, saved, hist), None
+        m = r.mx * x + r.me * eps
+        hist = jnp.where(r.push, jnp.concatenate([hist[1:], m[None]]), hist)
+        y = r.cx * x + r.cl * last + jnp.tensordot(r.ch, hist, axes=1)
+        x0 = jnp.clip((y - jnp.sqrt(1 - r.alpha) * eps) / jnp.sqrt(r.alpha), -1, 1)
+        y = jnp.where(r.clip_x0, jnp.sqrt(r.alpha) * x0 + jnp.sqrt(1 - r.alpha) * eps, y)
+        x_next = r.a * y + r.w_new * m + jnp.tensordot(r.w, hist, axes=1) + r.c * draw(i)
+        return (x_next, y, hist), (x_next if trajectory else None)
 
     x32 = x.astype(jnp.float32)
-    hist = jnp.zeros((4,) + x.shape, jnp.float32)
+    hist = jnp.zeros((HISTORY,) + x.shape, jnp.float32)
     rows = jax.tree.map(jnp.asarray, tables)
-    (x_out, _, _), _ = jax.lax.scan(step, (x32, x32, hist), (jnp.arange(tables.timestep.shape[0]), rows))
-    return x_out
+    (x_out, _, _), xs = jax.lax.scan(step, (x32, x32, hist), (jnp.arange(tables.timestep.shape[0]), rows))
+    return xs if trajectory else x_out

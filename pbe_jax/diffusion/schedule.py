@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import numpy as np
 
 _SUPPORTED = {"beta_schedule": ("scaled_linear", "linear"), "prediction_type": ("epsilon",),
-              "timestep_spacing": ("leading",), "trained_betas": (None,)}
+              "timestep_spacing": ("leading", "linspace", "trailing"), "trained_betas": (None,)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +22,9 @@ class NoiseSchedule:
     steps_offset: int = 1
     set_alpha_to_one: bool = False
     clip_sample: bool = False
+    # As the config says; None when it does not (PNDM and DDIM space "leading"; the multistep solvers,
+    # swapped in with diffusers' `from_config`, then use their own default, "linspace").
+    timestep_spacing: str | None = None
 
     def __post_init__(self):
         if self.beta_schedule not in _SUPPORTED["beta_schedule"]:
@@ -62,6 +65,22 @@ class NoiseSchedule:
             raise ValueError(f"steps must be between 1 and {self.num_train_timesteps}, not {steps}")
         ratio = self.num_train_timesteps // steps
         return (np.arange(steps) * ratio + self.steps_offset)[::-1].astype(np.int32)
+
+    def multistep_timesteps(self, steps: int) -> np.ndarray:
+        """The timesteps of diffusers' DPMSolverMultistepScheduler and UniPCMultistepScheduler made from this
+        config with `from_config`, descending: "linspace" (their default) from 999, "leading" with
+        num_train_timesteps // (steps + 1) and `steps_offset`, or "trailing" ending at … − 1."""
+        n = self.num_train_timesteps
+        if not 1 <= steps <= n:
+            raise ValueError(f"steps must be between 1 and {n}, not {steps}")
+        spacing = self.timestep_spacing or "linspace"
+        if spacing == "linspace":
+            ts = np.linspace(0, n - 1, steps + 1).round()[::-1][:-1]
+        elif spacing == "leading":
+            ts = (np.arange(0, steps + 1) * (n // (steps + 1))).round()[::-1][:-1] + self.steps_offset
+        else:
+            ts = np.arange(n, 0, -n / steps).round() - 1
+        return ts.astype(np.int64)
 
     def add_noise(self, x0, noise, t):
         """q(x_t | x_0): √ᾱ_t x_0 + √(1 − ᾱ_t) ε, for training. `t` has one entry per batch row."""
