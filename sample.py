@@ -53,6 +53,8 @@ def at_least(low, kind=int):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pbe_jax import compile_cache
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained", default=str(DEFAULT_MODEL),
                    help="model folder, checkpoint, or Hub repository id (default: the shipped synthetic model, "
@@ -84,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch: this is one of several hosts; call jax.distributed.initialize() (found by itself on "
                         "TPU pod slices; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) "
                         "and edit this process's share of the jobs")
+    compile_cache.add_argument(p)
     p.add_argument("--shard", metavar="I/N", help="batch: edit only share I of N (0 ≤ I < N), without collectives; "
                                                  "the last shard to finish writes the failures summary")
     return p
@@ -122,8 +125,10 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parse_args(argv, parser)
-    from pbe_jax import parallel
+    from pbe_jax import compile_cache, parallel
     from pbe_jax.pipeline import PaintByExample
+
+    compile_cache.enable(args.compile_cache)  # before anything compiles
 
     if args.distributed:
         parallel.initialize_distributed()  # before anything touches a device

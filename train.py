@@ -27,6 +27,8 @@ import sys
 
 
 def main(argv=None) -> int:
+    from pbe_jax import compile_cache
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny", help="a name in configs/ or a path to a config file (default tiny)")
     p.add_argument("--workdir", required=True, help="where checkpoints, metrics, samples and the export go")
@@ -37,8 +39,10 @@ def main(argv=None) -> int:
                         "diffusers folder, built from the config saved with it (to WORKDIR/export, or "
                         "WORKDIR/export_STEP for an earlier step; see --export-to)")
     p.add_argument("--export-to", metavar="DIR", help="with --export: the folder to write instead")
+    compile_cache.add_argument(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.batch_size=8")
     args = p.parse_args(argv)
+    compile_cache.enable(args.compile_cache)  # before anything compiles
     if args.export_to and not args.export:
         p.error("--export-to needs --export")
     if args.export:

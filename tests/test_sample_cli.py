@@ -265,3 +265,27 @@ def test_two_hosts_do_each_job_once_and_match_one_host(tiny_folder, tmp_path, ca
     with pytest.raises(SystemExit):
         sample.parse_args([*common, "--out", "o", "--shard", "2/2"])
     assert "I must be in 0..N-1" in capsys.readouterr().err
+
+
+def test_a_second_run_takes_every_program_from_the_compilation_cache(tmp_path):
+    """sample.py with --compile-cache: the first process compiles and stores its programs, the second finds
+    every one of them (JAX reports misses as warnings with JAX_EXPLAIN_CACHE_MISSES) and edits identically;
+    with 'off' nothing is stored."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_PERSISTENT_CACHE", "JAX_COMPILATION_CACHE"))}
+    env["JAX_EXPLAIN_CACHE_MISSES"] = "1"
+
+    def run(cache, name):
+        r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--steps", "2", "--compile-cache", str(cache),
+                            "--out", str(tmp_path / name)], capture_output=True, text=True, env=env, cwd=ROOT,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stderr.count("PERSISTENT COMPILATION CACHE MISS"), "MISS for 'jit_generate'" in r.stderr
+
+    assert run(tmp_path / "cache", "a.png") == (len(list((tmp_path / "cache").iterdir())), True)
+    stored = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert any(name.startswith("jit_generate-") for name in stored)
+    assert run(tmp_path / "cache", "b.png") == (0, False)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == stored
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    run("off", "c.png")
+    assert not (ROOT / "off").exists()

@@ -10,7 +10,6 @@ import functools
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -52,11 +51,25 @@ def torch_shape(path: Path, shape: tuple) -> tuple:
     return tuple(shape)
 
 
+class _ShapeOnlyRngs:
+    """Stands in for `nnx.Rngs` when a module is built for its shapes alone: every stream gives the same key.
+    With a real `nnx.Rngs` each draw updates a counter, and under tracing every update makes flax ask the
+    traced counter for its sharding, an error whose message JAX builds by walking the whole trace: quadratic
+    in the parameter count, seconds per model (5x the rest of the build). The keys never matter here."""
+
+    def __getattr__(self, stream: str) -> "_ShapeOnlyRngs":
+        return self
+
+    def __call__(self) -> jax.Array:
+        return jax.random.key(0)
+
+
 @functools.lru_cache(maxsize=32)
 def abstract_model(cls: type, config, policy: Policy) -> tuple[nnx.GraphDef, dict[Path, nnx.Variable]]:
     """The graph and parameter shapes of `cls(config, policy=policy)`, traced once and never allocated.
-    (Tracing a module's construction costs seconds, so it is cached per configuration.)"""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(config, policy=policy, rngs=nnx.Rngs(0))))
+    (Tracing a module's construction costs a fraction of a second to seconds, so it is cached per
+    configuration.)"""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(config, policy=policy, rngs=_ShapeOnlyRngs())))
     return graphdef, dict(nnx.to_flat_state(state))
 
 
@@ -73,7 +86,10 @@ def materialize(cls: type, config, policy: Policy, params: dict[Path, np.ndarray
                  and tuple(np.shape(a)) != tuple(flat[p].get_value().shape)]
     if problems:
         raise WeightsError(_report(source, problems))
-    state = [(p, v.replace(jnp.asarray(params[p], dtype=v.get_value().dtype))) for p, v in flat.items()]
+    # Cast on the host and transferred with device_put: a cast on the device, or jnp.asarray (which stages the
+    # value through a jitted primitive), would compile a small program per parameter shape and dtype.
+    state = [(p, v.replace(jax.device_put(np.asarray(params[p]).astype(v.get_value().dtype, copy=False))))
+             for p, v in flat.items()]
     return nnx.merge(graphdef, nnx.from_flat_state(state))
 
 

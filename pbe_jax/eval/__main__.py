@@ -28,6 +28,8 @@ CLASSIFIER_DIR = "attribute_classifier"  # under the benchmark folder, where a t
 
 
 def parse_args(argv=None):
+    from pbe_jax import compile_cache
+
     p = argparse.ArgumentParser(prog="python -m pbe_jax.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", help="folder(s) of edited images, <id>.png")
@@ -45,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="items read and embedded at a time")
     p.add_argument("--per-item", action="store_true", help="also print one row per item")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON (PSNR inf as Infinity)")
+    compile_cache.add_argument(p)
     args = p.parse_args(argv)
     if args.fid_stats and not args.inception:
         p.error("--fid-stats needs --inception: the results' features have to be computed too")
@@ -138,8 +141,10 @@ def per_item_table(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pbe_jax import storage
+    from pbe_jax import compile_cache, storage
     from pbe_jax.eval import LABELS_FILE, evaluate, metrics
+
+    compile_cache.enable(args.compile_cache)  # before anything compiles
 
     try:
         for folder, what in [(r, "results") for r in args.results] + [(args.benchmark, "benchmark")]:

@@ -1,0 +1,131 @@
+"""Quality against step count, per sampler, on the synthetic held-out benchmark with the shipped model.
+
+    python bench/quality_steps.py                                   # 200 items: about an hour on 2 CPU cores
+    python bench/quality_steps.py --n 50 --steps 10,20 --samplers plms,dpmpp_2m   # a quick look
+
+For each sampler and step count, `sample.py --batch` edits the benchmark (resumable: folders already complete
+are kept), and two things are measured:
+- the evaluation's scores (`python -m pbe_jax.eval`: CLIP score of the region against the reference with the
+  model's own tower, PSNR/SSIM outside the mask, the attribute classifier);
+- how far each result is from a converged one for the same seed and inputs — DDIM at 250 steps (the same
+  initial noise and masked-image latents: both come from the job's seed): the mean absolute pixel difference
+  (0–255) and the cosine between the CLIP features (the model's tower) of the two whole images.
+Writes WORK/quality_steps.json and prints a Markdown table, and for each sampler the fewest steps whose mean
+pixel distance to the reference is at most PLMS-50's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def edit(model: str, bench: Path, out: Path, sampler: str, steps: int, seed: int, batch_size: int) -> float:
+    """sample.py over the benchmark; returns the wall seconds (0 when the folder was already complete)."""
+    cmd = [sys.executable, str(ROOT / "sample.py"), "--pretrained", model, "--batch", str(bench), "--out", str(out),
+           "--sampler", sampler, "--steps", str(steps), "--seed", str(seed), "--batch-size", str(batch_size)]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    done = r.stdout.strip().splitlines()[-1]
+    print(f"{out.name}: {done}", file=sys.stderr, flush=True)
+    return 0.0 if done.startswith("0 written") else time.perf_counter() - t0
+
+
+def distances(folders: dict[str, Path], reference: Path, model: str) -> dict[str, dict]:
+    """Mean |Δ| in pixels and mean CLIP cosine of every folder's images against the reference folder's."""
+    from PIL import Image
+
+    from pbe_jax.eval.metrics import clip_embedder, cosine, in_batches
+
+    embed = clip_embedder(model)
+    ids = sorted(p.stem for p in reference.glob("*.png"))
+    load = lambda folder: [np.asarray(Image.open(folder / f"{i}.png").convert("RGB")) for i in ids]  # noqa: E731
+    ref_images = load(reference)
+    ref_features = in_batches(embed, ref_images)
+    out = {}
+    for name, folder in folders.items():
+        images = load(folder)
+        pixel = [np.abs(a.astype(np.float64) - b).mean() for a, b in zip(images, ref_images)]
+        out[name] = {"mean_abs_px": float(np.mean(pixel)),
+                     "clip_cosine": float(np.mean(cosine(in_batches(embed, images), ref_features))), "n": len(ids)}
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(ROOT / "checkpoints" / "synthetic"))
+    p.add_argument("--work", default="runs/quality_steps")
+    p.add_argument("--n", type=int, default=200, help="benchmark items (default 200)")
+    p.add_argument("--samplers", default="plms,ddim,dpmpp_2m,unipc")
+    p.add_argument("--steps", default="10,15,20,25,50")
+    p.add_argument("--reference-steps", type=int, default=250, help="DDIM steps of the converged reference")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=25)
+    args = p.parse_args()
+    from pbe_jax.data import benchmark
+
+    work = Path(args.work)
+    bench = work / "benchmark"
+    benchmark.make_benchmark(bench, n=args.n, image_size=64)
+    runs = {(s, int(k)): work / f"{s}_{k}" for s in args.samplers.split(",") for k in args.steps.split(",")}
+    reference = work / f"ddim_{args.reference_steps}"
+    seconds = {"reference": edit(args.model, bench, reference, "ddim", args.reference_steps, args.seed,
+                                 args.batch_size)}
+    for (sampler, steps), folder in runs.items():
+        seconds[folder.name] = edit(args.model, bench, folder, sampler, steps, args.seed, args.batch_size)
+
+    folders = [str(f) for f in runs.values()] + [str(reference)]
+    r = subprocess.run([sys.executable, "-m", "pbe_jax.eval", *folders, "--benchmark", str(bench), "--model",
+                        args.model, "--json"], capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        raise RuntimeError(f"evaluation failed:\n{r.stderr[-3000:]}")
+    reports = json.loads(r.stdout)
+    dist = distances({f.name: f for f in runs.values()}, reference, args.model)
+
+    rows = []
+    for (sampler, steps), folder in runs.items():
+        m = reports[str(folder)]["metrics"]
+        rows.append({"sampler": sampler, "steps": steps, "clip_score": m["clip"]["mean"] * 100,
+                     "psnr": m["psnr"]["mean"], "ssim": m["ssim"]["mean"],
+                     **{f"attr_{k}": m["attributes"][k] for k in ("shape", "colour", "pattern", "all")},
+                     **{f"to_reference_{k}": v for k, v in dist[folder.name].items() if k != "n"},
+                     "seconds": round(seconds[folder.name], 1)})
+    m = reports[str(reference)]["metrics"]
+    ref_row = {"sampler": "ddim", "steps": args.reference_steps, "clip_score": m["clip"]["mean"] * 100,
+               "psnr": m["psnr"]["mean"], "ssim": m["ssim"]["mean"],
+               **{f"attr_{k}": m["attributes"][k] for k in ("shape", "colour", "pattern", "all")},
+               "seconds": round(seconds["reference"], 1)}
+    plms50 = next((r for r in rows if r["sampler"] == "plms" and r["steps"] == 50), None)
+    enough = {}
+    if plms50 is not None:
+        for sampler in args.samplers.split(","):
+            ok = [r["steps"] for r in rows if r["sampler"] == sampler
+                  and r["to_reference_mean_abs_px"] <= plms50["to_reference_mean_abs_px"]]
+            enough[sampler] = min(ok) if ok else None
+    result = {"model": args.model, "n": args.n, "seed": args.seed, "batch_size": args.batch_size, "rows": rows,
+              "reference": ref_row, "fewest_steps_as_close_as_plms50": enough}
+    (work / "quality_steps.json").write_text(json.dumps(result, indent=1) + "\n")
+
+    print("| sampler | steps | CLIP score | PSNR | SSIM | attr. all three | mean abs. px to DDIM-250 | CLIP cos. to "
+          "DDIM-250 | s (200 items) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows + [dict(ref_row, to_reference_mean_abs_px=0.0, to_reference_clip_cosine=1.0)]:
+        print(f"| {r['sampler']} | {r['steps']} | {r['clip_score']:.2f} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
+              f"{r['attr_all']:.3f} | {r['to_reference_mean_abs_px']:.2f} | {r['to_reference_clip_cosine']:.4f} | "
+              f"{r['seconds']} |")
+    print(f"fewest steps at least as close to DDIM-{args.reference_steps} as PLMS-50: {json.dumps(enough)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
