@@ -116,8 +116,9 @@ def main() -> int:
               "reference": ref_row, "fewest_steps_as_close_as_plms50": enough}
     (work / "quality_steps.json").write_text(json.dumps(result, indent=1) + "\n")
 
-    print("| sampler | steps | CLIP score | PSNR | SSIM | attr. all three | mean abs. px to DDIM-250 | CLIP cos. to "
-          "DDIM-250 | s (200 items) |")
+    ref = f"DDIM-{args.reference_steps}"
+    print(f"| sampler | steps | CLIP score | PSNR | SSIM | attr. all three | mean abs. px to {ref} | CLIP cos. to "
+          f"{ref} | s ({args.n} items) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows + [dict(ref_row, to_reference_mean_abs_px=0.0, to_reference_clip_cosine=1.0)]:
         print(f"| {r['sampler']} | {r['steps']} | {r['clip_score']:.2f} | {r['psnr']:.2f} | {r['ssim']:.4f} | "

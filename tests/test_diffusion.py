@@ -140,3 +140,21 @@ def test_samplers_refuse_what_they_do_not_implement():
         make_tables(NoiseSchedule(), "euler", 10)
     with pytest.raises(ValueError, match="supports timestep_spacing 'leading' only"):
         make_tables(NoiseSchedule(timestep_spacing="trailing"), "plms", 10)
+
+
+@pytest.mark.parametrize("spacing", [None, "trailing"])
+def test_a_written_schedule_config_is_one_diffusers_reads_back(spacing):
+    """What train.py exports as scheduler_config.json: every diffusers scheduler used here takes it with
+    `from_config` and asks for the timesteps our tables use (an unset spacing is left out, not written as null)."""
+    schedule = NoiseSchedule(timestep_spacing=spacing)
+    config = schedule.to_config()
+    assert ("timestep_spacing" in config) == (spacing is not None)
+    assert NoiseSchedule.from_config(config) == schedule
+    for sampler, cls in MULTISTEP.items():
+        scheduler = cls.from_config(config)
+        scheduler.set_timesteps(10)
+        assert list(scheduler.timesteps) == list(make_tables(schedule, sampler, 10).timestep)
+    if spacing is None:
+        pndm = PNDMScheduler.from_config(dict(config, skip_prk_steps=True))
+        pndm.set_timesteps(10)
+        assert list(pndm.timesteps) == list(make_tables(schedule, "plms", 10).timestep)

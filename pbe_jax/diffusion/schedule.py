@@ -42,6 +42,11 @@ class NoiseSchedule:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    def to_config(self) -> dict[str, Any]:
+        """The fields as a diffusers scheduler config; an unset `timestep_spacing` is left out (diffusers reads
+        an explicit null as a spacing and refuses it)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
     @property
     def betas(self) -> np.ndarray:
         n = self.num_train_timesteps

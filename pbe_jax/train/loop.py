@@ -57,7 +57,7 @@ def build_models(cfg: TrainConfig) -> convert.PaintByExampleModels:
 def _scratch_extras(cfg: TrainConfig) -> dict:
     """Sampling configs for a model trained here: the PLMS scheduler and the reference preprocessing."""
     size = cfg.data.reference_size
-    return {"scheduler": {"_class_name": "PNDMScheduler", **dataclasses.asdict(NoiseSchedule()),
+    return {"scheduler": {"_class_name": "PNDMScheduler", **NoiseSchedule().to_config(),
                           "skip_prk_steps": True},
             "feature_extractor": {"crop_size": {"height": size, "width": size}, "size": {"shortest_edge": size},
                                   "do_center_crop": True, "do_normalize": True, "do_resize": True, "resample": 3}}
