@@ -51,8 +51,8 @@ class Section:
 # In order of value: the speed and memory targets first; full-size parity, already measured at 512² on the
 # CPU (README), then checks the GPU's kernels; the profile explains what is left.
 SECTIONS = (
-    Section("sample_jax", "JAX sampling: 50 PLMS steps, guidance 5, batch 1 and 16", 120, 300),
-    Section("sample_torch", "diffusers PaintByExamplePipeline, fp16, same settings", 70, 240, torch=True),
+    Section("sample_jax", "JAX sampling: 50 PLMS steps and DPM-Solver++ 20, guidance 5, batch 1 and 16", 160, 300),
+    Section("sample_torch", "diffusers PaintByExamplePipeline, fp16, same settings", 100, 240, torch=True),
     Section("train_step", "JAX full training step, batch 16", 150, 300),
     Section("train_torch", "PyTorch reference step, batch 16 (and 32 with checkpointing)", 90, 240, torch=True),
     Section("train_24gb", "JAX step, batch 1, remat, bf16 frozen towers (a 24 GB card?)", 120, 300),
@@ -66,6 +66,10 @@ SECTIONS = (
 BY_NAME = {s.name: s for s in SECTIONS}
 
 # The reference numbers in ../shared/anchors (one H100 80GB HBM3, 2026-11-24; logs named per row).
+# The multistep solver measured beside PLMS-50: sample.py's default setting (chosen from bench/quality_steps.py;
+# README "Samplers and steps").
+FAST_SAMPLER = ("dpmpp_2m", 20)
+
 ANCHORS = {
     "sample_bs16": "diffusers fp16 2.83 img/s; + torch.compile 3.41; Flax UNet+cuDNN 5.23 (UNet only)",
     "sample_bs1": "diffusers fp16 2.10 s; + torch.compile 1.03 s; Flax 0.52 s",
@@ -293,11 +297,15 @@ def markdown(report: dict) -> str:
 
     jb1, jb16 = _get(report, "sample_jax", "batch1"), _get(report, "sample_jax", "batch16")
     tb1, tb16 = _get(report, "sample_torch", "batch1"), _get(report, "sample_torch", "batch16")
+    fast = "{}_{}".format(*FAST_SAMPLER)
+    fj16, ft16 = _get(report, "sample_jax", f"{fast}_batch16"), _get(report, "sample_torch", f"{fast}_batch16")
     step, t24, t32 = (_get(report, s, "step") for s in ("train_step", "train_24gb", "train_remat32"))
     unet = _get(report, "unet_only", "step")
     torch_rows = _get(report, "train_torch") or {}
     torch16, torch32 = (next((v for k, v in torch_rows.items() if k.endswith(f"_remat{r}")), None) for r in (0, 1))
     g = lambda row, k: row.get(k) if isinstance(row, dict) else None  # noqa: E731
+    speedup = (g(fj16, "img_per_s") / g(jb16, "img_per_s")
+               if isinstance(g(fj16, "img_per_s"), (int, float)) and g(jb16, "img_per_s") else None)
     batch = lambda section, full: _get(report, section, "batch") or full  # noqa: E731
 
     def ratio(a, b):
@@ -308,6 +316,10 @@ def markdown(report: dict) -> str:
          ratio(g(jb16, "img_per_s"), g(tb16, "img_per_s")), _verdict(g(jb16, "img_per_s"), 5.5, True)),
         ("sampling, batch 1 (s/image)", "≤ 0.35", ANCHORS["sample_bs1"], g(jb1, "s_per_call"), g(tb1, "s_per_call"),
          ratio(g(tb1, "s_per_call"), g(jb1, "s_per_call")), _verdict(g(jb1, "s_per_call"), 0.35, False)),
+        (f"sampling, batch 16, {fast} (img/s; × PLMS-50's)", "≥ 2.4×", "",
+         f"{_fmt(g(fj16, 'img_per_s'))} ({ratio(g(fj16, 'img_per_s'), g(jb16, 'img_per_s'))})",
+         f"{_fmt(g(ft16, 'img_per_s'))} ({ratio(g(ft16, 'img_per_s'), g(tb16, 'img_per_s'))})",
+         ratio(g(fj16, "img_per_s"), g(ft16, "img_per_s")), _verdict(speedup, 2.4, True)),
         ("sampling, first call at batch 1 (s)", "≤ 30", ANCHORS["sample_first"], g(jb1, "first_call_s"),
          g(tb1, "first_call_s"), "", _verdict(g(jb1, "first_call_s"), 30, False)),
         ("sampling, peak memory at batch 16 (GiB)", "", ANCHORS["sample_peak"], g(jb16, "peak_GiB"),
@@ -427,7 +439,8 @@ def section_sample_torch(ctx) -> None:
 def _sample_args(ctx, tmp: str) -> SimpleNamespace:
     a = SimpleNamespace(config="tiny" if ctx.dry else "sd14", folder=None, attention="auto",
                         steps=2 if ctx.smoke else 50, reps=ctx.reps, batch_sizes=_pick(ctx, [1, 16], [1, 2]),
-                        size=32 if ctx.dry else ctx.size)
+                        size=32 if ctx.dry else ctx.size,
+                        samplers=[(FAST_SAMPLER[0], 2 if ctx.smoke else FAST_SAMPLER[1])])
     if ctx.dry:
         from pbe_jax import reference
 

@@ -1,10 +1,14 @@
 """Sampling throughput: the JAX pipeline against diffusers' PaintByExamplePipeline, measured in one run.
 
     python bench/sample_throughput.py                 # GPU: SD-1.4 size, 512², bf16; CPU: tiny config
-    python bench/sample_throughput.py --config tiny --batches 1,4 --steps 20
+    python bench/sample_throughput.py --config tiny --batches 1,4 --samplers dpmpp_2m:20
 
 Prints one JSON object: for each batch size, images/s and seconds per call for both frameworks and their
-ratio, the first call's time (compilation included) and peak device memory. The PyTorch pipeline runs in a
+ratio, the first call's time (compilation included) and peak device memory — for the paper's PLMS at
+`--steps` (50) and, in the same run, for each of `--samplers` at its own step count (by default DPM-Solver++ 2M
+and UniPC at 20 steps, sample.py's setting; bench/quality_steps.py measured no count up to 25 at which they
+are as close to their converged result as PLMS-50 is to its own, see the README), with each one's speed-up
+over PLMS. The PyTorch pipeline runs in a
 subprocess (its own memory; JAX preallocates) on the same machine right after. Weights are random: at full
 size drawn with numpy on the host (a jitted random init of 860 M parameters compiles for minutes).
 """
@@ -81,8 +85,24 @@ def random_jax_models(policy, seed: int = 0, *, components=("unet", "vae", "imag
     return PaintByExampleModels(**nets)
 
 
+def runs(args) -> list[tuple[str, int]]:
+    """(sampler, steps) to measure: PLMS at args.steps first (the keys `batch<B>`), then args.samplers, if any
+    (the keys `<sampler>_<steps>` → `batch<B>`)."""
+    return [("plms", args.steps), *getattr(args, "samplers", [])]
+
+
+def _put(out: dict, sampler: str, steps: int, key: str, row: dict, first: bool) -> None:
+    (out if first else out.setdefault(f"{sampler}_{steps}", {}))[key] = row
+
+
+def flat_key(sampler: str, steps: int, batch: int, baseline: bool) -> str:
+    """The key `emit` gets: `batch<B>` for PLMS, `<sampler>_<steps>_batch<B>` for the others."""
+    return f"batch{batch}" if baseline else f"{sampler}_{steps}_batch{batch}"
+
+
 def run_jax(args, emit=None) -> dict:
-    """The JAX pipeline at each batch size of args; `emit(key, row)` sees each row as it is measured."""
+    """The JAX pipeline at each sampler and batch size of args; `emit(key, row)` sees each row as it is
+    measured (keys as flat_key makes them)."""
     import jax
     import jax.numpy as jnp
 
@@ -96,22 +116,24 @@ def run_jax(args, emit=None) -> dict:
     pipe = PaintByExample(models)
     out = {"device": jax.devices()[0].device_kind, "dtype": str(policy.dtype),
            "load_s": round(time.perf_counter() - t0, 1)}
-    for b in args.batch_sizes:
-        img, m, ref = inputs(b, args.size)
-        first, dt = time_calls(lambda: pipe(img, m, ref, steps=args.steps, guidance_scale=5.0,
-                                            height=args.size, width=args.size), args.reps)
-        stats = jax.devices()[0].memory_stats() or {}
-        out[f"batch{b}"] = {"s_per_call": round(dt, 4), "img_per_s": round(b / dt, 3),
-                            "first_call_s": round(first, 1),
-                            "peak_GiB": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2) or None}
-        print(json.dumps({"jax": {f"batch{b}": out[f"batch{b}"]}}), file=sys.stderr, flush=True)
-        if emit is not None:
-            emit(f"batch{b}", out[f"batch{b}"])
+    for k, (sampler, steps) in enumerate(runs(args)):
+        for b in args.batch_sizes:
+            img, m, ref = inputs(b, args.size)
+            first, dt = time_calls(lambda: pipe(img, m, ref, steps=steps, guidance_scale=5.0, sampler=sampler,
+                                                height=args.size, width=args.size), args.reps)
+            stats = jax.devices()[0].memory_stats() or {}
+            row = {"s_per_call": round(dt, 4), "img_per_s": round(b / dt, 3), "first_call_s": round(first, 1),
+                   "peak_GiB": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2) or None}
+            _put(out, sampler, steps, f"batch{b}", row, k == 0)
+            print(json.dumps({"jax": {f"{sampler}_{steps}": {f"batch{b}": row}}}), file=sys.stderr, flush=True)
+            if emit is not None:
+                emit(flat_key(sampler, steps, b, k == 0), row)
     return out
 
 
 def run_torch(args, emit=None) -> dict:
-    """diffusers' pipeline at each batch size of args (fp16 on GPU); `emit(key, row)` as for run_jax."""
+    """diffusers' pipeline at each sampler and batch size of args (fp16 on GPU; the samplers' diffusers
+    schedulers swapped in with `from_config`); `emit(key, row)` as for run_jax."""
     import torch
 
     from pbe_jax import reference
@@ -136,25 +158,59 @@ def run_torch(args, emit=None) -> dict:
 
     out = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "dtype": str(dtype),
            "threads": torch.get_num_threads()}
-    for b in args.batch_sizes:
-        img, m, ref = inputs(b, args.size)
-        pil = lambda xs: [Image.fromarray(x) for x in xs]  # noqa: E731
-        kw = dict(image=pil(img), mask_image=pil(m), example_image=pil(ref), num_inference_steps=args.steps,
-                  guidance_scale=5.0, output_type="np", height=args.size, width=args.size)
+    plms = pipe.scheduler
+    for k, (sampler, steps) in enumerate(runs(args)):
+        pipe.scheduler = reference.swap_scheduler(plms, sampler)
+        for b in args.batch_sizes:
+            img, m, ref = inputs(b, args.size)
+            pil = lambda xs: [Image.fromarray(x) for x in xs]  # noqa: E731
+            kw = dict(image=pil(img), mask_image=pil(m), example_image=pil(ref), num_inference_steps=steps,
+                      guidance_scale=5.0, output_type="np", height=args.size, width=args.size)
 
-        def call():
-            with torch.no_grad():
-                pipe(**kw)
+            def call():
+                with torch.no_grad():
+                    pipe(**kw)
+                if cuda:
+                    torch.cuda.synchronize()
+
             if cuda:
-                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            first, dt = time_calls(call, args.reps)
+            row = {"s_per_call": round(dt, 4), "img_per_s": round(b / dt, 3), "first_call_s": round(first, 1),
+                   "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+            _put(out, sampler, steps, f"batch{b}", row, k == 0)
+            if emit is not None:
+                emit(flat_key(sampler, steps, b, k == 0), row)
+    return out
 
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        first, dt = time_calls(call, args.reps)
-        out[f"batch{b}"] = {"s_per_call": round(dt, 4), "img_per_s": round(b / dt, 3), "first_call_s": round(first, 1),
-                            "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
-        if emit is not None:
-            emit(f"batch{b}", out[f"batch{b}"])
+
+def sampler_steps(text: str) -> list[tuple[str, int]]:
+    """"dpmpp_2m:20,unipc:15" → [("dpmpp_2m", 20), ("unipc", 15)]; "" → []."""
+    from pbe_jax.diffusion import SAMPLERS
+
+    out = []
+    for item in filter(None, text.split(",")):
+        name, _, steps = item.partition(":")
+        if name not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected SAMPLER:STEPS with SAMPLER one of "
+                                             f"{', '.join(SAMPLERS)} and STEPS ≥ 1")
+        out.append((name, int(steps)))
+    return out
+
+
+DEFAULT_SAMPLERS = "dpmpp_2m:20,unipc:20"
+
+
+def speedups(result: dict, args) -> dict:
+    """images/s of each sampler over PLMS's, per framework and batch size."""
+    out = {}
+    for fw in ("jax", "torch"):
+        if fw not in result:
+            continue
+        for sampler, steps in args.samplers:
+            rows = result[fw][f"{sampler}_{steps}"]
+            out.setdefault(fw, {})[f"{sampler}_{steps}"] = {
+                key: round(rows[key]["img_per_s"] / result[fw][key]["img_per_s"], 2) for key in rows}
     return out
 
 
@@ -162,7 +218,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=["sd14", "tiny"], default=None, help="default: sd14 on GPU, tiny on CPU")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,16 on GPU, 1,4 on CPU)")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=50, help="PLMS steps of the baseline (default 50, the paper's)")
+    p.add_argument("--samplers", type=sampler_steps, default=DEFAULT_SAMPLERS,
+                   help="SAMPLER:STEPS,... measured beside PLMS in the same run (default %(default)s, sample.py's "
+                        "setting; '' for PLMS alone)")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
@@ -187,7 +246,8 @@ def main(argv=None):
                   "jax": run_jax(args)}
         if not args.no_torch:
             cmd = [sys.executable, __file__, "--torch-only", "--config", args.config, "--steps", str(args.steps),
-                   "--reps", str(args.reps), "--batches", ",".join(map(str, args.batch_sizes))]
+                   "--reps", str(args.reps), "--batches", ",".join(map(str, args.batch_sizes)),
+                   "--samplers", ",".join(f"{s}:{k}" for s, k in args.samplers)]
             if args.folder:
                 cmd += ["--folder", args.folder]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ,
@@ -199,6 +259,8 @@ def main(argv=None):
             result["ratio_img_per_s"] = {f"batch{b}": round(result["jax"][f"batch{b}"]["img_per_s"] /
                                                              result["torch"][f"batch{b}"]["img_per_s"], 2)
                                          for b in args.batch_sizes}
+        if args.samplers:
+            result["speedup_over_plms"] = speedups(result, args)
     print(json.dumps(result, indent=1))
 
 

@@ -154,23 +154,30 @@ def torch_pipeline(folder: str | Path, sampler: str = "plms"):
     image encoder's class from a saved model_index.json), with the folder's PNDM scheduler or, for another
     `sampler`, the diffusers scheduler of that name made from its config with `from_config`, as users swap
     schedulers (DDIM with clip_sample off, DPM-Solver++ 2M and UniPC with their defaults)."""
-    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, PaintByExamplePipeline, PNDMScheduler,
-                           UniPCMultistepScheduler)
+    from diffusers import PaintByExamplePipeline, PNDMScheduler
     from transformers import CLIPImageProcessor
 
     quiet()
     folder = Path(folder)
     nets = load_torch(folder)
-    scheduler = PNDMScheduler.from_pretrained(folder / "scheduler")
-    if sampler == "ddim":
-        scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False)
-    elif sampler in ("dpmpp_2m", "unipc"):
-        cls = DPMSolverMultistepScheduler if sampler == "dpmpp_2m" else UniPCMultistepScheduler
-        scheduler = cls.from_config(scheduler.config)
+    scheduler = swap_scheduler(PNDMScheduler.from_pretrained(folder / "scheduler"), sampler)
     pipe = PaintByExamplePipeline(**nets, scheduler=scheduler, safety_checker=None, requires_safety_checker=False,
                                   feature_extractor=CLIPImageProcessor.from_pretrained(folder / "feature_extractor"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def swap_scheduler(pndm, sampler: str):
+    """The diffusers scheduler for one of our samplers, made from a PNDM scheduler's config as users swap them:
+    PNDM itself for "plms", DDIM with clip_sample off, DPM-Solver++ 2M and UniPC with their defaults."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    if sampler == "plms":
+        return pndm
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(pndm.config, clip_sample=False)
+    cls = {"dpmpp_2m": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}[sampler]
+    return cls.from_config(pndm.config)
 
 
 @contextlib.contextmanager

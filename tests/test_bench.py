@@ -32,8 +32,10 @@ def test_dry_run_runs_every_section_without_grain_or_tfds(tmp_path):
     assert r["parity_f32"]["ok"] and r["parity_bf16"]["ok"]
     assert [c["component"] for c in r["parity_f32"]["components"]] == ["image_encoder", "vae_encode", "vae_decode",
                                                                        "unet"]
+    fast = "{}_{}".format(*accelerator.FAST_SAMPLER)
     for name in ("sample_jax", "sample_torch"):
         assert r[name]["batch1"]["img_per_s"] > 0 and r[name]["batch2"]["img_per_s"] > 0
+        assert r[name][f"{fast}_batch1"]["img_per_s"] > 0 and r[name][f"{fast}_batch2"]["img_per_s"] > 0
     for name in ("train_step", "train_24gb", "train_remat32"):
         step = r[name]["step"]
         assert step["samples_per_s"] > 0 and step["compile_s"] > 0 and step["compiled_GiB"] > 0
@@ -84,3 +86,22 @@ def test_unknown_section_names_are_refused():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "accelerator.py"), "--out", "x", "--only", "nope"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "no section 'nope'" in proc.stderr and "sample_jax" in proc.stderr
+
+
+def test_sample_throughput_reads_sampler_step_pairs():
+    import argparse
+
+    import sample_throughput
+
+    assert sample_throughput.sampler_steps("dpmpp_2m:20,unipc:15") == [("dpmpp_2m", 20), ("unipc", 15)]
+    assert sample_throughput.sampler_steps("") == []
+    # The GPU call and the CPU benchmark measure what sample.py uses by default.
+    sys.path.insert(0, str(ROOT))
+    import sample
+
+    default = (sample.DEFAULT_SAMPLER, sample.DEFAULT_STEPS)
+    assert accelerator.FAST_SAMPLER == default
+    assert sample_throughput.sampler_steps(sample_throughput.DEFAULT_SAMPLERS)[0] == default
+    for bad in ("euler:20", "unipc", "unipc:0", "unipc:x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected SAMPLER:STEPS"):
+            sample_throughput.sampler_steps(bad)
