@@ -18,6 +18,10 @@ Every folder and file may be local or in a bucket (gs://...).
               mu and sigma, see pbe_jax.eval.metrics.save_stats) or else against the benchmark's sources
 
 Missing or unreadable results are counted, listed and skipped. Exit status 1 on bad arguments or inputs.
+
+  python -m pbe_jax.eval gmm-to-npz FILE OUT
+              converts a pickled scikit-learn GaussianMixture (GMM-GIQA's released model, for the QS
+              score) into plain arrays, once; needs scikit-learn, and unpickling runs code from FILE
 """
 import argparse
 import importlib
@@ -139,7 +143,29 @@ def per_item_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def gmm_to_npz_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m pbe_jax.eval gmm-to-npz",
+                                description="Convert a pickled scikit-learn GaussianMixture (GMM-GIQA's model) into "
+                                            "an .npz of plain arrays. Unpickling runs code: convert files you trust.")
+    p.add_argument("file", help="the pickle (local or gs://)")
+    p.add_argument("out", help="the .npz to write (local or gs://)")
+    args = p.parse_args(argv)
+    from pbe_jax.eval import gmm
+
+    try:
+        mixture = gmm.gmm_to_npz(args.file, args.out)
+    except (OSError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    k, d = mixture.means.shape
+    print(f"wrote {args.out}: {k} components, {d} dimensions, {mixture.covariance_type} covariances")
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["gmm-to-npz"]:
+        return gmm_to_npz_main(argv[1:])
     args = parse_args(argv)
     from pbe_jax import compile_cache, storage
     from pbe_jax.eval import LABELS_FILE, evaluate, metrics
