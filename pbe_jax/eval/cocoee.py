@@ -1,0 +1,82 @@
+"""The pixels the original release's evaluation feeds to CLIP for its "CLIP score" (issue 14's protocol):
+
+- the generated region: the box from the first to the last white (255) mask pixel in raster order, cropped
+  end-exclusive from the whole result (not pasted back: the last row and column of the box are left out,
+  as the original's slicing does), scaled to [0, 1], resized to 224 × 224 bilinearly without antialiasing
+  (PyTorch's `interpolate(mode="bilinear", align_corners=False)`; the aspect ratio is not kept), then
+  normalised with CLIP's mean and std;
+- the reference: resized to 224 × 224 with PIL's default filter for `Image.resize` (bicubic), no centre
+  crop, scaled to [0, 1] and normalised the same way.
+Arrays are (H, W, 3) float32, channels last.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from pbe_jax.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+CLIP_SIZE = 224
+
+
+def region_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(y0, x0, y1, x1): the first and the last pixel equal to 255 in raster order (row by row). An RGB mask is
+    read as PIL's "L" conversion of it."""
+    mask = np.asarray(mask)
+    if mask.ndim == 3:
+        mask = np.asarray(Image.fromarray(mask.astype(np.uint8)).convert("L"))
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be (H, W) or (H, W, 3), not {mask.shape}")
+    white = np.flatnonzero(mask.reshape(-1) == 255)
+    if white.size == 0:
+        raise ValueError("the mask has no white (255) pixel: no region to score")
+    (y0, x0), (y1, x1) = divmod(int(white[0]), mask.shape[1]), divmod(int(white[-1]), mask.shape[1])
+    return y0, x0, y1, x1
+
+
+def crop_region(result: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """result[y0:y1, x0:x1] for the mask's region_box (end-exclusive; empty when the box is one row or column)."""
+    if np.shape(result)[:2] != np.shape(mask)[:2]:
+        raise ValueError(f"result {np.shape(result)[:2]} and mask {np.shape(mask)[:2]} differ in size")
+    y0, x0, y1, x1 = region_box(mask)
+    return np.asarray(result)[y0:y1, x0:x1]
+
+
+def _source_index(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Neighbours and weights of bilinear sampling with half-pixel centres, negative coordinates clamped to 0
+    (align_corners=False)."""
+    src = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    hi = np.minimum(lo + 1, in_size - 1)
+    return lo, hi, src - lo
+
+
+def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, C) float → (size[0], size[1], C), bilinear without antialiasing, as PyTorch's interpolate, in
+    float64 (PyTorch's float32 kernel rounds its sample positions: up to ~2e-5 on [0, 1] images at 224²) and
+    returned as float32."""
+    image = np.asarray(image, np.float64)
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"cannot resize an empty region {image.shape[:2]}")
+    y0, y1, wy = _source_index(size[0], image.shape[0])
+    x0, x1, wx = _source_index(size[1], image.shape[1])
+    rows = image[y0] * (1 - wy)[:, None, None] + image[y1] * wy[:, None, None]
+    return (rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]).astype(np.float32)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return ((x - np.asarray(OPENAI_CLIP_MEAN, np.float32)) / np.asarray(OPENAI_CLIP_STD, np.float32)).astype(
+        np.float32)
+
+
+def region_pixels(result: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """CLIP's input for the generated region of a uint8 result: (224, 224, 3) float32."""
+    crop = crop_region(result, mask)
+    return _normalise(resize_bilinear(crop.astype(np.float32) / 255.0, (CLIP_SIZE, CLIP_SIZE)))
+
+
+def reference_pixels(reference) -> np.ndarray:
+    """CLIP's input for a reference (PIL image or uint8 array): (224, 224, 3) float32."""
+    image = reference if isinstance(reference, Image.Image) else Image.fromarray(np.asarray(reference, np.uint8))
+    resized = np.asarray(image.convert("RGB").resize((CLIP_SIZE, CLIP_SIZE)), np.float32) / 255.0
+    return _normalise(resized)
