@@ -333,3 +333,51 @@ def test_cli_fid_with_a_user_feature_function(tmp_path, monkeypatch, capsys):
     assert against_sources > 0
     assert main(args[:-1] + ["toy_inception:nothing"]) == 1
     assert "toy_inception:nothing" in capsys.readouterr().err
+
+
+def _pytorch_fid_frechet():
+    """pytorch-fid's own calculate_frechet_distance, taken from its installed source. Importing the module
+    would import torchvision and its Inception classes (PyPI's torchvision does not import beside the CPU
+    torch here), so only that function's definition is compiled, with numpy and scipy.linalg as its module
+    has them."""
+    import ast
+    import importlib.util
+
+    from scipy import linalg
+
+    spec = importlib.util.find_spec("pytorch_fid.fid_score")
+    if spec is None:
+        pytest.skip("pytorch-fid is not installed")
+    tree = ast.parse(open(spec.origin).read())
+    (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "calculate_frechet_distance"]
+    namespace = {"np": np, "linalg": linalg}
+    exec(compile(ast.Module([fn], type_ignores=[]), spec.origin, "exec"), namespace)
+    return namespace["calculate_frechet_distance"]
+
+
+def test_frechet_distance_as_pytorch_fid_computes_it():
+    reference = _pytorch_fid_frechet()
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 16)), rng.normal(0.3, 1.2, size=(200, 16)) @ rng.normal(size=(16, 16))
+    stats = [*metrics.feature_stats(a), *metrics.feature_stats(b)]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # pytorch-fid passes sqrtm's deprecated disp
+        want = reference(*stats)
+    assert metrics.frechet_distance_sqrtm(*stats) == pytest.approx(want, rel=1e-12)
+    assert metrics.frechet_distance_sqrtm(*stats) == pytest.approx(metrics.frechet_distance(*stats), rel=1e-6)
+    # Fewer samples than dimensions: singular covariances, still the same number as pytorch-fid's.
+    few = [*metrics.feature_stats(a[:8]), *metrics.feature_stats(b[:8])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = reference(*few)
+        assert metrics.frechet_distance_sqrtm(*few) == pytest.approx(want, rel=1e-6)
+    # A product whose root is complex on the diagonal: both refuse it.
+    bad = [np.zeros(2), np.diag([1.0, 1.0]), np.zeros(2), np.diag([-1.0, 1.0])]
+    with pytest.raises(ValueError, match="Imaginary component"):
+        reference(*bad)
+    with pytest.raises(ValueError, match="imaginary component of 1"):
+        metrics.frechet_distance_sqrtm(*bad)
+    with pytest.raises(ValueError, match="statistics do not match"):
+        metrics.frechet_distance_sqrtm(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))

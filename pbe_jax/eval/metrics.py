@@ -209,6 +209,39 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * cross)
 
 
+def frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """The Fréchet distance as pytorch-fid computes it, for numbers comparable with the literature's: the
+    matrix square root of Σ1 Σ2 by `scipy.linalg.sqrtm`; if that is not finite, again with `eps` added to
+    both diagonals; a complex root is accepted only if the imaginary parts of its diagonal are within 1e-3 of
+    zero (else ValueError naming the largest imaginary part), and its real part is used. (`frechet_distance`
+    above is the exact symmetric form; the two differ by sqrtm's round-off and fallbacks.)"""
+    import warnings
+
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"statistics do not match: mu {mu1.shape} and {mu2.shape}, "
+                         f"sigma {sigma1.shape} and {sigma2.shape}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)  # a singular product: handled below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        root = linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(root).all():
+            warnings.warn(f"the product of the covariances is singular: adding {eps} to their diagonals",
+                          UserWarning, stacklevel=2)
+            offset = np.eye(len(mu1)) * eps
+            root = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(root):
+        if not np.allclose(np.diagonal(root).imag, 0, atol=1e-3):
+            raise ValueError(f"the covariances' square root has an imaginary component of "
+                             f"{np.abs(root.imag).max():g}")
+        root = root.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(root))
+
+
 def in_batches(fn: EmbedFn, imgs: Sequence[np.ndarray], batch_size: int = 50) -> np.ndarray:
     """`fn` applied to `imgs` in batches of `batch_size`, concatenated."""
     return np.concatenate([np.asarray(fn(list(imgs[i:i + batch_size]))) for i in range(0, len(imgs), batch_size)])
