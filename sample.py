@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"equal to the diffusers scheduler of that name (default {DEFAULT_SAMPLER}, with --steps "
                         f"{DEFAULT_STEPS}: 2.5x fewer network calls than PLMS-50 for nearly its scores; see the "
                         "README)")
-    p.add_argument("--eta", type=at_least(0.0, float), default=0.0, help="DDIM η (default 0, deterministic)")
+    p.add_argument("--eta", type=at_least(0.0, float), default=0.0, help="DDIM η (default 0, deterministic; with --sampler ddim)")
     p.add_argument("--batch-size", type=at_least(1), default=8, help="images per step, split over all local devices")
     p.add_argument("--size", type=at_least(8), default=None,
                    help="working resolution, a multiple of the autoencoder's factor (default: the model's, 512 for "
@@ -114,6 +114,8 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None):
         p.error("--batch needs --out, the results folder")
     if args.batch and args.samples != 1:
         p.error("--samples is for one edit only")
+    if args.eta and args.sampler != "ddim":
+        p.error(f"--eta is DDIM's; give --sampler ddim (the {args.sampler} sampler has no η)")
     if (args.distributed or args.shard) and not args.batch:
         p.error("--distributed and --shard split a --batch run")
     if args.distributed and args.shard:

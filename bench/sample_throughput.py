@@ -85,24 +85,15 @@ def random_jax_models(policy, seed: int = 0, *, components=("unet", "vae", "imag
     return PaintByExampleModels(**nets)
 
 
-def runs(args) -> list[tuple[str, int]]:
-    """(sampler, steps) to measure: PLMS at args.steps first (the keys `batch<B>`), then args.samplers, if any
-    (the keys `<sampler>_<steps>` → `batch<B>`)."""
-    return [("plms", args.steps), *getattr(args, "samplers", [])]
-
-
-def _put(out: dict, sampler: str, steps: int, key: str, row: dict, first: bool) -> None:
-    (out if first else out.setdefault(f"{sampler}_{steps}", {}))[key] = row
-
-
-def flat_key(sampler: str, steps: int, batch: int, baseline: bool) -> str:
-    """The key `emit` gets: `batch<B>` for PLMS, `<sampler>_<steps>_batch<B>` for the others."""
-    return f"batch{batch}" if baseline else f"{sampler}_{steps}_batch{batch}"
+def runs(args) -> list[tuple[str, str, int]]:
+    """(key prefix, sampler, steps) to measure: PLMS at args.steps first, its rows keyed `batch<B>`, then
+    args.samplers, if any, keyed `<sampler>_<steps>_batch<B>`."""
+    return [("", "plms", args.steps), *((f"{s}_{k}_", s, k) for s, k in getattr(args, "samplers", []))]
 
 
 def run_jax(args, emit=None) -> dict:
-    """The JAX pipeline at each sampler and batch size of args; `emit(key, row)` sees each row as it is
-    measured (keys as flat_key makes them)."""
+    """The JAX pipeline at each sampler and batch size of args (keys as `runs` makes them); `emit(key, row)`
+    sees each row as it is measured."""
     import jax
     import jax.numpy as jnp
 
@@ -116,7 +107,7 @@ def run_jax(args, emit=None) -> dict:
     pipe = PaintByExample(models)
     out = {"device": jax.devices()[0].device_kind, "dtype": str(policy.dtype),
            "load_s": round(time.perf_counter() - t0, 1)}
-    for k, (sampler, steps) in enumerate(runs(args)):
+    for prefix, sampler, steps in runs(args):
         for b in args.batch_sizes:
             img, m, ref = inputs(b, args.size)
             first, dt = time_calls(lambda: pipe(img, m, ref, steps=steps, guidance_scale=5.0, sampler=sampler,
@@ -124,10 +115,10 @@ def run_jax(args, emit=None) -> dict:
             stats = jax.devices()[0].memory_stats() or {}
             row = {"s_per_call": round(dt, 4), "img_per_s": round(b / dt, 3), "first_call_s": round(first, 1),
                    "peak_GiB": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2) or None}
-            _put(out, sampler, steps, f"batch{b}", row, k == 0)
-            print(json.dumps({"jax": {f"{sampler}_{steps}": {f"batch{b}": row}}}), file=sys.stderr, flush=True)
+            out[f"{prefix}batch{b}"] = row
+            print(json.dumps({"jax": {f"{prefix}batch{b}": row}}), file=sys.stderr, flush=True)
             if emit is not None:
-                emit(flat_key(sampler, steps, b, k == 0), row)
+                emit(f"{prefix}batch{b}", row)
     return out
 
 
@@ -159,7 +150,7 @@ def run_torch(args, emit=None) -> dict:
     out = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "dtype": str(dtype),
            "threads": torch.get_num_threads()}
     plms = pipe.scheduler
-    for k, (sampler, steps) in enumerate(runs(args)):
+    for prefix, sampler, steps in runs(args):
         pipe.scheduler = reference.swap_scheduler(plms, sampler)
         for b in args.batch_sizes:
             img, m, ref = inputs(b, args.size)
@@ -178,9 +169,9 @@ def run_torch(args, emit=None) -> dict:
             first, dt = time_calls(call, args.reps)
             row = {"s_per_call": round(dt, 4), "img_per_s": round(b / dt, 3), "first_call_s": round(first, 1),
                    "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
-            _put(out, sampler, steps, f"batch{b}", row, k == 0)
+            out[f"{prefix}batch{b}"] = row
             if emit is not None:
-                emit(flat_key(sampler, steps, b, k == 0), row)
+                emit(f"{prefix}batch{b}", row)
     return out
 
 
@@ -202,16 +193,11 @@ DEFAULT_SAMPLERS = "dpmpp_2m:20,unipc:20"
 
 
 def speedups(result: dict, args) -> dict:
-    """images/s of each sampler over PLMS's, per framework and batch size."""
-    out = {}
-    for fw in ("jax", "torch"):
-        if fw not in result:
-            continue
-        for sampler, steps in args.samplers:
-            rows = result[fw][f"{sampler}_{steps}"]
-            out.setdefault(fw, {})[f"{sampler}_{steps}"] = {
-                key: round(rows[key]["img_per_s"] / result[fw][key]["img_per_s"], 2) for key in rows}
-    return out
+    """images/s of each sampler over PLMS's, per framework, sampler and batch size."""
+    return {fw: {f"{prefix}batch{b}": round(result[fw][f"{prefix}batch{b}"]["img_per_s"]
+                                            / result[fw][f"batch{b}"]["img_per_s"], 2)
+                 for prefix, _, _ in runs(args)[1:] for b in args.batch_sizes}
+            for fw in ("jax", "torch") if fw in result}
 
 
 def main(argv=None):

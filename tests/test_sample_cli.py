@@ -120,6 +120,7 @@ def test_cli_errors_are_clear(tmp_path, capsys):
                          (["--steps", "ten"], "argument --steps: expected a number, got 'ten'"),
                          (["--scale", "-1"], "argument --scale: must be at least 0.0, got -1"),
                          (["--eta", "-0.5"], "argument --eta: must be at least 0.0, got -0.5"),
+                         (["--eta", "0.5"], "--eta is DDIM's; give --sampler ddim"),
                          (["--sampler", "euler"], "argument --sampler: invalid choice: 'euler'")):
         with pytest.raises(SystemExit) as exit_:
             sample.parse_args(bad)

@@ -200,23 +200,22 @@ def unipc_tables(schedule: NoiseSchedule, steps: int) -> Tables:
             h = s.lam[i] - s.lam[i - 1]
             rk = (s.lam[i - 2] - s.lam[i - 1]) / h if k == 2 else None
             rhos = _unipc_corrector_rhos(h, k, rk)
-            alpha, b_h, h_phi_1 = s.alpha[i], np.expm1(-h), np.expm1(-h)
-            rho_d1, rho_t = (rhos[0], rhos[-1]) if k == 2 else (0.0, rhos[-1])
-            d1 = rho_d1 / rk if k == 2 else 0.0
+            ab = s.alpha[i] * np.expm1(-h)  # α·B(h); with bh2, B(h) = h·φ₁(−h) = e^{−h} − 1
+            rho_t = rhos[-1]
+            d1 = rhos[0] / rk if k == 2 else 0.0
             cx, cl = 0.0, s.sigma[i] / s.sigma[i - 1]
-            ch[3] = -alpha * b_h * rho_t
-            ch[2] = -alpha * h_phi_1 + alpha * b_h * d1 + alpha * b_h * rho_t
-            ch[1] = -alpha * b_h * d1
+            ch[3] = -ab * rho_t
+            ch[2] = ab * (d1 + rho_t - 1)
+            ch[1] = -ab * d1
         # Predictor from the corrected sample.
         p = order(i)
         with np.errstate(over="ignore", invalid="ignore"):
             h = s.lam[i + 1] - s.lam[i]
-            alpha, h_phi_1 = s.alpha[i + 1], np.expm1(-h)
+            ab = s.alpha[i + 1] * np.expm1(-h)
         w = np.zeros(HISTORY)
-        w[3] = -alpha * h_phi_1
+        w[3] = -ab
         if p == 2:
-            rk = (s.lam[i - 1] - s.lam[i]) / h
-            half = 0.5 * alpha * np.expm1(-h) / rk  # α B_h ρ / rk, ρ = 0.5
+            half = 0.5 * ab / ((s.lam[i - 1] - s.lam[i]) / h)  # α B(h) ρ / r_k, ρ = 0.5
             w[3] += half
             w[2] = -half
         rows.append(_row(s.timesteps[i], **_x0_row(s, i), cx=cx, cl=cl, ch=ch, a=s.sigma[i + 1] / s.sigma[i], w=w))

@@ -14,14 +14,15 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from pbe_jax.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from pbe_jax import images
 
 CLIP_SIZE = 224
 
 
 def region_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     """(y0, x0, y1, x1): the first and the last pixel equal to 255 in raster order (row by row). An RGB mask is
-    read as PIL's "L" conversion of it."""
+    read as PIL's "L" conversion of it. (Not `images.mask_box`, the true bounding box: the original's crop
+    differs from it for any shape but a rectangle, and loses the box's last row and column.)"""
     mask = np.asarray(mask)
     if mask.ndim == 3:
         mask = np.asarray(Image.fromarray(mask.astype(np.uint8)).convert("L"))
@@ -65,8 +66,8 @@ def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
-    return ((x - np.asarray(OPENAI_CLIP_MEAN, np.float32)) / np.asarray(OPENAI_CLIP_STD, np.float32)).astype(
-        np.float32)
+    mean, std = np.asarray(REFERENCE.mean, np.float32), np.asarray(REFERENCE.std, np.float32)
+    return ((x - mean) / std).astype(np.float32)
 
 
 def region_pixels(result: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -75,8 +76,10 @@ def region_pixels(result: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return _normalise(resize_bilinear(crop.astype(np.float32) / 255.0, (CLIP_SIZE, CLIP_SIZE)))
 
 
+# The original's reference: straight to 224 × 224 with PIL's default `Image.resize` filter (bicubic), no crop.
+REFERENCE = images.ReferenceProcessor(crop=(CLIP_SIZE, CLIP_SIZE), resample=Image.BICUBIC, plain_resize=True)
+
+
 def reference_pixels(reference) -> np.ndarray:
-    """CLIP's input for a reference (PIL image or uint8 array): (224, 224, 3) float32."""
-    image = reference if isinstance(reference, Image.Image) else Image.fromarray(np.asarray(reference, np.uint8))
-    resized = np.asarray(image.convert("RGB").resize((CLIP_SIZE, CLIP_SIZE)), np.float32) / 255.0
-    return _normalise(resized)
+    """CLIP's input for a reference (a PIL image, uint8 array or path): (224, 224, 3) float32."""
+    return REFERENCE(images.to_rgb(reference, "reference"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import warnings
+import zipfile
 
 import numpy as np
 
@@ -82,16 +83,16 @@ def load(file) -> GaussianMixture:
     from pbe_jax import storage
 
     try:
-        with np.load(io.BytesIO(storage.read_bytes(file)), allow_pickle=False) as z:
-            missing = {"weights", "means", "precisions_cholesky", "covariance_type"} - set(z.files)
-            if missing:
-                raise ValueError(f"{file}: not a converted mixture, missing {', '.join(sorted(missing))} "
-                                 "(convert the pickle with `python -m pbe_jax.eval gmm-to-npz FILE OUT`)")
-            return GaussianMixture(z["weights"], z["means"], z["precisions_cholesky"], str(z["covariance_type"]))
-    except (ValueError, OSError) as e:
-        if str(file) in str(e):
-            raise
-        raise ValueError(f"{file}: {e}") from e
+        with np.load(storage.local_or_buffer(file), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{file}: not an .npz of arrays ({e})") from e
+    missing = {"weights", "means", "precisions_cholesky", "covariance_type"} - set(arrays)
+    if missing:
+        raise ValueError(f"{file}: not a converted mixture, missing {', '.join(sorted(missing))} "
+                         "(convert the pickle with `python -m pbe_jax.eval gmm-to-npz FILE OUT`)")
+    return GaussianMixture(arrays["weights"], arrays["means"], arrays["precisions_cholesky"],
+                           str(arrays["covariance_type"]))
 
 
 def from_sklearn(model) -> GaussianMixture:
