@@ -147,3 +147,17 @@ class CLIPVisionModel(nnx.Module):
 
     def __call__(self, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.vision_model(pixels)
+
+
+class CLIPVisionModelWithProjection(nnx.Module):
+    """transformers' `CLIPVisionModelWithProjection` (the image half of `CLIPModel`): CLIP-normalised pixels
+    (B, H, W, 3) → `image_embeds` (B, projection_dim) = visual_projection(pooled), unnormalised, what
+    `CLIPModel.get_image_features` returns. `config.projection_dim` is the projection's width."""
+
+    def __init__(self, config: CLIPVisionConfig, *, policy: Policy = Policy(), rngs: nnx.Rngs):
+        self.config = config
+        self.vision_model = CLIPVisionTransformer(config, policy, rngs)
+        self.visual_projection = linear(config.hidden_size, config.projection_dim, False, policy, rngs)
+
+    def __call__(self, pixels: jax.Array) -> jax.Array:
+        return self.visual_projection(self.vision_model(pixels)[1])
