@@ -27,11 +27,11 @@ STEPS=${STEPS:-50}
 SEED=${SEED:-0}
 
 python -m pbe_jax.data.benchmark make "$WORK/benchmark" --n "$N" --size 64
-python -m pbe_jax.data.benchmark baseline copy-paste "$WORK/benchmark" "$WORK/copy-paste"
-python -m pbe_jax.data.benchmark baseline unchanged "$WORK/benchmark" "$WORK/unchanged"
+python -m pbe_jax.eval.baselines copy-paste "$WORK/benchmark" "$WORK/copy-paste"
+python -m pbe_jax.eval.baselines unchanged "$WORK/benchmark" "$WORK/unchanged"
 # The same two through the model's autoencoder: the best any edit decoded by it could score.
-python -m pbe_jax.data.benchmark baseline copy-paste "$WORK/benchmark" "$WORK/copy-paste-vae" --through-vae "$MODEL"
-python -m pbe_jax.data.benchmark baseline unchanged "$WORK/benchmark" "$WORK/unchanged-vae" --through-vae "$MODEL"
+python -m pbe_jax.eval.baselines copy-paste "$WORK/benchmark" "$WORK/copy-paste-vae" --through-vae "$MODEL"
+python -m pbe_jax.eval.baselines unchanged "$WORK/benchmark" "$WORK/unchanged-vae" --through-vae "$MODEL"
 edit() {  # edit SCALE NAME [MODEL]: a model's results at one guidance scale
   python sample.py --pretrained "${3:-$MODEL}" --batch "$WORK/benchmark" --out "$WORK/$2" --scale "$1" \
     --steps "$STEPS" --seed "$SEED" --batch-size 25

@@ -196,11 +196,12 @@ def test_classifier_learns_and_round_trips(classifier):
 def _benchmark(tmp_path, n: int):
     """The project's held-out benchmark (n items) and its two baselines' results folders."""
     from pbe_jax.data import benchmark
+    from pbe_jax.eval import baselines
 
     bench = tmp_path / "bench"
     benchmark.make_benchmark(bench, n=n)
-    benchmark.copy_paste(bench, tmp_path / "paste")
-    benchmark.unchanged(bench, tmp_path / "unchanged")
+    baselines.copy_paste(bench, tmp_path / "paste")
+    baselines.unchanged(bench, tmp_path / "unchanged")
     return bench
 
 

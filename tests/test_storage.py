@@ -106,6 +106,7 @@ def test_convert_and_eval_clis_in_a_bucket(tiny_folder, bucket_dir, capsys):
     from pbe_jax.convert import is_checkpoint
     from pbe_jax.data import benchmark
     from pbe_jax.eval import __main__ as eval_cli
+    from pbe_jax.eval import baselines
 
     assert convert_cli.main([str(tiny_folder("sd")), str(bucket_dir / "ckpt")]) == 0
     assert is_checkpoint(bucket_dir / "ckpt")
@@ -114,7 +115,7 @@ def test_convert_and_eval_clis_in_a_bucket(tiny_folder, bucket_dir, capsys):
 
     bench, results = bucket_dir / "bench", bucket_dir / "results"
     assert benchmark.make_benchmark(bench, n=3, image_size=32) == {"written": 9, "kept": 0}
-    benchmark.copy_paste(bench, results)
+    baselines.copy_paste(bench, results)
     capsys.readouterr()
     assert eval_cli.main([str(results), "--benchmark", str(bench), "--no-attributes", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

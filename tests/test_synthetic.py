@@ -1,17 +1,15 @@
 """Generated scenes and the held-out benchmark: determinism, the visible-fraction bookkeeping checked against
-re-rendered object masks, the COCOEE layout and labels, resumable writing, the two baselines and the CLI."""
+re-rendered object masks, the COCOEE layout and labels, resumable writing and the CLI (the baselines are
+tests/test_baselines.py)."""
 import hashlib
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pbe_jax import batch, images
+from pbe_jax import batch
 from pbe_jax.data import benchmark, pairs, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,57 +208,6 @@ def test_benchmark_scenes_are_not_training_scenes():
         assert not np.array_equal(benchmark.make_item(i, seed=0, image_size=64).source, train)
 
 
-def test_baselines(bench, tmp_path):
-    assert benchmark.copy_paste(bench, tmp_path / "cp")["written"] == N
-    assert benchmark.unchanged(bench, tmp_path / "same")["written"] == N
-    labels = benchmark.read_labels(bench)
-    for id_, label in labels.items():
-        source = np.asarray(load(bench / "source" / f"{id_}.png"))
-        reference = np.asarray(load(bench / "reference" / f"{id_}.png"))
-        np.testing.assert_array_equal(np.asarray(load(tmp_path / "same" / f"{id_}.png")), source)
-        pasted = np.asarray(load(tmp_path / "cp" / f"{id_}.png"))
-        assert pasted.shape == source.shape
-        x0, y0, x1, y1 = label["box"]
-        outside = np.ones(source.shape[:2], bool)
-        outside[y0:y1, x0:x1] = False
-        np.testing.assert_array_equal(pasted[outside], source[outside])
-        np.testing.assert_array_equal(pasted[y0:y1, x0:x1], images.resize_rgb(reference, (y1 - y0, x1 - x0)))
-        assert not np.array_equal(pasted[y0:y1, x0:x1], source[y0:y1, x0:x1])
-    with pytest.raises(ValueError, match="empty"):
-        benchmark.paste_reference(source, np.zeros(source.shape[:2]), reference)
-
-
-def test_baselines_resume_and_skip_unusable_inputs(bench, tmp_path):
-    first = benchmark.copy_paste(bench, tmp_path / "cp")
-    (tmp_path / "cp" / "000001.png").unlink()  # as if interrupted before this one
-    again = benchmark.copy_paste(bench, tmp_path / "cp")
-    assert (first["written"], again["written"], again["skipped_done"]) == (N, 1, N - 1)
-    # A copy of the benchmark with one empty mask: that item is skipped and named, the others written.
-    broken = tmp_path / "broken"
-    shutil.copytree(bench, broken)
-    Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(broken / "mask" / "000002.png")
-    stats = benchmark.unchanged(broken, tmp_path / "same")
-    assert (stats["written"], stats["failed"]) == (N - 1, 1)
-    [failure] = [json.loads(line) for line in (tmp_path / "same" / "failures.jsonl").read_text().splitlines()]
-    assert failure["id"] == "000002" and "000002.png" in failure["error"] and "empty" in failure["error"]
-
-
-def test_baselines_through_the_shipped_autoencoder(bench, tmp_path):
-    roundtrip = benchmark.autoencoder_roundtrip(ROOT / "checkpoints" / "synthetic")
-    stats = benchmark.unchanged(bench, tmp_path / "same", roundtrip)
-    assert stats["written"] == N
-    for id_ in benchmark.read_labels(bench):
-        source = np.asarray(load(bench / "source" / f"{id_}.png"))
-        result = np.asarray(load(tmp_path / "same" / f"{id_}.png"))
-        # Not the source any more, but a reconstruction of it (the trained autoencoder gives ~22 dB on 64² scenes).
-        assert result.shape == source.shape and not np.array_equal(result, source)
-        assert 18 < 10 * np.log10(255 ** 2 / np.mean((result.astype(float) - source) ** 2)) < 40
-    with pytest.raises(ValueError, match="divisible by 4, got 66×64"):
-        roundtrip(np.zeros((64, 66, 3), np.uint8))
-    assert benchmark.main(["baseline", "unchanged", str(bench), str(tmp_path / "x"), "--through-vae",
-                           str(tmp_path / "nope")]) == 1
-
-
 def test_write_examples(tmp_path):
     [one] = benchmark.write_examples(tmp_path / "one")
     assert one == tmp_path / "one"
@@ -276,20 +223,14 @@ def test_write_examples(tmp_path):
 
 # --------------------------------------------------------------------------------------------------------- CLI
 
-def test_cli_make_and_baseline(tmp_path, capsys):
+def test_cli_make(tmp_path, capsys):
     out = tmp_path / "b"
     assert benchmark.main(["make", str(out), "--n", "2", "--size", "64"]) == 0
     assert "2 items (6 images written" in capsys.readouterr().out
     assert len(benchmark.read_labels(out)) == 2 and load(out / "source" / "000001.png").size == (64, 64)
     assert benchmark.main(["make", str(out), "--n", "2", "--size", "80"]) == 1
     assert "image_size=64, now 80" in capsys.readouterr().err
-    assert benchmark.main(["baseline", "unchanged", str(tmp_path / "missing"), str(tmp_path / "r")]) == 1
-    assert "error:" in capsys.readouterr().err
-    run = subprocess.run([sys.executable, "-m", "pbe_jax.data.benchmark", "baseline", "copy-paste", str(out),
-                          str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert "2 results written, 0 already there, 0 inputs unusable" in run.stdout
-    assert sorted(p.name for p in (tmp_path / "r").glob("*.png")) == ["000000.png", "000001.png"]
-    helped = subprocess.run([sys.executable, "-m", "pbe_jax.data.benchmark", "baseline", "--help"], cwd=ROOT,
-                            capture_output=True, text=True)
-    assert helped.returncode == 0 and "copy-paste" in helped.stdout and "unchanged" in helped.stdout
+    assert benchmark.main(["examples", str(tmp_path / "ex"), "--size", "64"]) == 0
+    assert "1 example(s)" in capsys.readouterr().out and load(tmp_path / "ex" / "mask.png").size == (64, 64)
+    with pytest.raises(SystemExit):  # the baselines are pbe_jax.eval.baselines now
+        benchmark.parse_args(["baseline", "unchanged", str(out), str(tmp_path / "r")])

@@ -1,6 +1,6 @@
 """The held-out benchmark: synthetic scenes in the COCOEE layout, for the case the paper targets, where the
-reference is another instance of another kind, in another pose, cut out of another picture; and the two
-baselines that need no model (each optionally passed through a model's autoencoder).
+reference is another instance of another kind, in another pose, cut out of another picture. (The baselines
+that need no model, copy-paste and unchanged, are `pbe_jax.eval.baselines`.)
 
 A benchmark folder (what `make_benchmark` writes, what `python sample.py --batch` reads):
     source/<id>.png      RGB scene, image_size²
@@ -12,7 +12,7 @@ A benchmark folder (what `make_benchmark` writes, what `python sample.py --batch
     benchmark.json       the settings and the attribute vocabularies (shape, colour and pattern are indices
                          into its "shapes", "colours", "patterns")
 Ids are zero-padded indices ("000123"). A results folder holds <id>.png, the full edited image at the source's
-size, as `sample.py --batch` and the baselines write it.
+size, as `sample.py --batch` and `python -m pbe_jax.eval.baselines` write it.
 
 Seeds: training scene i of `SyntheticSource(seed=s)` is drawn from `default_rng([s, i])`; benchmark item i
 from `default_rng([seed, i, ITEM_TAG])`. numpy pads a seed's words with zeros to four, so [s, i] is
@@ -25,11 +25,10 @@ import argparse
 import dataclasses
 import json
 import sys
-from typing import Callable
 
 import numpy as np
 
-from pbe_jax import batch, images, storage
+from pbe_jax import batch, storage
 from pbe_jax.data import synthetic
 from pbe_jax.storage import Path
 
@@ -196,81 +195,11 @@ def write_examples(out_dir, n: int = 1, *, seed: int = EXAMPLES_SEED, image_size
     return folders
 
 
-def paste_reference(source: np.ndarray, mask: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """The paper's copy-paste edit: the reference resized (bicubic) to the bounding box of the mask's white
-    (≥ 0.5) pixels and pasted over it; the source everywhere else."""
-    box = images.mask_box(mask)
-    if box is None:
-        raise ValueError("copy-paste needs a mask with white pixels; this one is empty")
-    x0, y0, x1, y1 = box
-    out = source.copy()
-    out[y0:y1, x0:x1] = images.resize_rgb(reference, (y1 - y0, x1 - x0))
-    return out
-
-
-def autoencoder_roundtrip(model) -> Callable[[np.ndarray], np.ndarray]:
-    """uint8 (H, W, 3) → the image encoded (posterior mean) and decoded by the autoencoder of `model` (a
-    Paint-by-Example folder or checkpoint, or its vae/ folder). Every edit of a latent-diffusion model comes
-    out of that decoder, so a baseline passed through it shows what the autoencoder alone costs."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from pbe_jax.convert import load_component
-
-    folder = storage.path(model)
-    folder = folder / "vae" if (folder / "vae").is_dir() else folder
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{model}: no such model folder")
-    vae = load_component(folder, "vae")
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    graphdef, state = nnx.split(vae)
-
-    @jax.jit
-    def roundtrip(x):
-        vae = nnx.merge(graphdef, state)
-        out = vae.decode(vae.encode(x.astype(jnp.float32) / 127.5 - 1.0).mean).astype(jnp.float32)
-        return jnp.round(jnp.clip(out / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
-
-    def apply(image: np.ndarray) -> np.ndarray:
-        h, w = image.shape[:2]
-        if h % factor or w % factor:
-            raise ValueError(f"{folder}: the autoencoder needs sides divisible by {factor}, got {w}×{h}")
-        return np.asarray(roundtrip(image[None]))[0]
-
-    return apply
-
-
-def _run(benchmark_dir, out_dir, edit, through: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
-    """`out_dir/<id>.png` = edit(source, mask, reference), then `through` it when given (e.g.
-    `autoencoder_roundtrip`), for every item of a COCOEE-layout folder (this benchmark or the release's),
-    through `batch.run`: resumable (results already there are kept), unusable inputs skipped and listed in
-    out_dir/failures.jsonl. Returns batch.run's counts."""
-    def edit_batch(sources, masks, references, seeds):
-        results = [edit(*item) for item in zip(sources, masks, references)]
-        return [through(r) for r in results] if through is not None else results
-
-    return batch.run(batch.read_layout(benchmark_dir), out_dir, edit_batch, batch_size=1, seed=0)
-
-
-def copy_paste(benchmark_dir, out_dir, through=None) -> dict:
-    """The copy-paste baseline's results folder (see `paste_reference`)."""
-    return _run(benchmark_dir, out_dir, paste_reference, through)
-
-
-def unchanged(benchmark_dir, out_dir, through=None) -> dict:
-    """The floor: every result is its source as it is."""
-    return _run(benchmark_dir, out_dir, lambda source, mask, reference: source, through)
-
-
-BASELINES = {"copy-paste": copy_paste, "unchanged": unchanged}
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m pbe_jax.data.benchmark", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{make,baseline,examples}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{make,examples}")
     make = sub.add_parser("make", help="write the benchmark folder (resumable)",
                           description="Write a benchmark folder: source/, mask/, reference/, labels.jsonl.")
     make.add_argument("out", help="benchmark folder to write")
@@ -279,16 +208,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     make.add_argument("--size", type=int, default=128, help="source side in px (default 128)")
     make.add_argument("--reference-size", type=int, default=None,
                       help="side of the scene the exemplar is cut from (default: --size)")
-    base = sub.add_parser("baseline", help="write a model-free baseline's results folder",
-                          description="Results of a baseline that needs no model, as OUT/<id>.png: copy-paste "
-                                      "(the reference resized into the mask's box) or unchanged (the source).")
-    base.add_argument("name", choices=list(BASELINES), help="which baseline")
-    base.add_argument("benchmark", help="a COCOEE-layout folder (source/, mask/, reference/)")
-    base.add_argument("out", help="results folder to write")
-    base.add_argument("--through-vae", metavar="MODEL",
-                      help="pass every result through MODEL's autoencoder (encode, decode): what a latent-diffusion "
-                           "model with that autoencoder could at best give back (MODEL: a Paint-by-Example folder "
-                           "or checkpoint, or its vae/)")
     ex = sub.add_parser("examples", help="write example inputs for sample.py",
                         description="Write source.png, mask.png, reference.png (one example) or one folder per "
                                     "example.")
@@ -306,15 +225,10 @@ def main(argv=None) -> int:
         if args.command == "make":
             stats = make_benchmark(args.out, args.n, args.seed, args.size, args.reference_size)
             print(f"{args.out}: {args.n} items ({stats['written']} images written, {stats['kept']} already there)")
-        elif args.command == "baseline":
-            through = autoencoder_roundtrip(args.through_vae) if args.through_vae else None
-            stats = BASELINES[args.name](args.benchmark, args.out, through)
-            print(f"{args.out}: {args.name}, {stats['written']} results written, {stats['skipped_done']} already "
-                  f"there, {stats['failed']} inputs unusable" + (" (see failures.jsonl)" if stats["failed"] else ""))
         else:
             folders = write_examples(args.out, args.n, seed=args.seed, image_size=args.size, start=args.start)
             print(f"{args.out}: {len(folders)} example(s)")
-    except (FileNotFoundError, ValueError) as e:  # images.ImageError is a ValueError
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
