@@ -19,6 +19,16 @@ Every folder and file may be local or in a bucket (gs://...).
 
 Missing or unreadable results are counted, listed and skipped. Exit status 1 on bad arguments or inputs.
 
+  --protocol cocoee
+              the paper's Table 1 as the original release computes it, on the release's COCOEE layout
+              (GT_3500/, Mask_bbox_3500/, Ref_3500/, id_list.npy): CLIP score (region vs reference), FID and
+              QS in CLIP ViT-B/32 feature space, and the standard Inception FID, with PSNR/SSIM of the
+              unmasked region. --model is a transformers CLIPModel or CLIPVisionModelWithProjection folder
+              (openai/clip-vit-base-patch32); --fid-reference DIR the real images (COCO test2017), whose
+              statistics are computed once and cached (--fid-stats NPZ names the cache); --gmm NPZ the QS
+              mixture; --inception-weights the pytorch-fid weights file (pt_inception-2015-12-05-*.pth or a
+              safetensors conversion). See pbe_jax/eval/cocoee_protocol.py.
+
   python -m pbe_jax.eval gmm-to-npz FILE OUT
               converts a pickled scikit-learn GaussianMixture (GMM-GIQA's released model, for the QS
               score) into plain arrays, once; needs scikit-learn, and unpickling runs code from FILE
@@ -39,22 +49,46 @@ def parse_args(argv=None):
     p.add_argument("results", nargs="+", help="folder(s) of edited images, <id>.png")
     p.add_argument("--benchmark", required=True, help="COCOEE-layout benchmark folder (source/, mask/, reference/)")
     p.add_argument("--model", help="folder with the CLIP tower for the CLIP score: a Paint-by-Example folder or "
-                                   "checkpoint, its image_encoder/, or a transformers CLIP(Vision)Model folder")
+                                   "checkpoint, its image_encoder/, or a transformers CLIP(Vision)Model folder; with "
+                                   "--protocol cocoee a CLIPModel or CLIPVisionModelWithProjection folder (ViT-B/32)")
     p.add_argument("--classifier", help=f"attribute classifier folder (default BENCH/{CLASSIFIER_DIR}); "
                                         "trained and saved there when it does not exist yet")
     p.add_argument("--no-attributes", action="store_true", help="skip the attribute score")
     p.add_argument("--train-steps", type=int, default=None, help="steps when the classifier has to be trained "
                                                                  "(default: train_classifier's)")
     p.add_argument("--seed", type=int, default=0, help="seed for training the classifier")
+    p.add_argument("--protocol", choices=("synthetic", "cocoee"), default="synthetic",
+                   help="synthetic: this project's benchmark (default); cocoee: the paper's Table 1 (see above)")
     p.add_argument("--inception", metavar="MODULE:FUNCTION", help="Inception feature function, for FID")
-    p.add_argument("--fid-stats", metavar="NPZ", help="real-image feature statistics (mu, sigma) for FID")
+    p.add_argument("--fid-stats", metavar="NPZ", help="real-image feature statistics for FID (synthetic: an .npz "
+                                                      "with mu and sigma; cocoee: the cache --fid-reference writes)")
+    cocoee = p.add_argument_group("--protocol cocoee")
+    cocoee.add_argument("--fid-reference", metavar="DIR", help="real images (COCO test2017) for the FIDs; their "
+                                                               "statistics are cached in --fid-stats")
+    cocoee.add_argument("--gmm", metavar="NPZ", help="the QS mixture, converted with gmm-to-npz")
+    cocoee.add_argument("--inception-weights", metavar="FILE", help="pytorch-fid's InceptionV3 weights (.pth or "
+                                                                    ".safetensors) for the standard FID")
+    cocoee.add_argument("--clip-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="CLIP's compute and weight dtype (the original ran it in float16 on a GPU)")
+    cocoee.add_argument("--progress", action="store_true", help="progress bars on stderr")
     p.add_argument("--batch-size", type=int, default=32, help="items read and embedded at a time")
     p.add_argument("--per-item", action="store_true", help="also print one row per item")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON (PSNR inf as Infinity)")
+    p.add_argument("--report", metavar="FILE", help="also write the whole report as JSON to FILE (local or gs://)")
     compile_cache.add_argument(p)
     args = p.parse_args(argv)
-    if args.fid_stats and not args.inception:
-        p.error("--fid-stats needs --inception: the results' features have to be computed too")
+    given = lambda names: [f"--{n.replace('_', '-')}" for n in names if getattr(args, n)]  # noqa: E731
+    if args.protocol == "cocoee":
+        if not args.model:
+            p.error("--protocol cocoee needs --model, a CLIP ViT-B/32 folder (CLIPModel or "
+                    "CLIPVisionModelWithProjection)")
+        if wrong := given(["inception", "classifier", "no_attributes", "train_steps"]):
+            p.error(f"{', '.join(wrong)}: not used by --protocol cocoee")
+    else:
+        if wrong := given(["fid_reference", "gmm", "inception_weights"]):
+            p.error(f"{', '.join(wrong)}: only with --protocol cocoee")
+        if args.fid_stats and not args.inception:
+            p.error("--fid-stats needs --inception: the results' features have to be computed too")
     return args
 
 
@@ -162,6 +196,94 @@ def gmm_to_npz_main(argv: list[str]) -> int:
     return 0
 
 
+def emit_json(args, reports: dict) -> bool:
+    """Write the report to --report, print it with --json; True when printed (nothing else to print)."""
+    from pbe_jax import storage
+
+    text = json.dumps(reports if len(reports) > 1 else reports[args.results[0]], indent=2)
+    if args.report:
+        storage.write_text(args.report, text + "\n")
+    if args.json:
+        print(text)
+    return args.json
+
+
+def cocoee_stats(args, clip, clip_size, inception) -> dict | None:
+    """The real set's statistics: read from --fid-stats, computing (and caching there) those it lacks from
+    --fid-reference."""
+    from pbe_jax import storage
+    from pbe_jax.eval import cocoee_protocol as protocol
+
+    if not args.fid_reference and not args.fid_stats:
+        return None
+    path = storage.path(args.fid_stats) if args.fid_stats else protocol.default_stats_path(
+        args.fid_reference, args.model, args.clip_dtype)
+    stats, meta = protocol.load_stats(path) if path.is_file() else ({}, {})
+    wanted = {"clip": lambda x: clip(protocol.clip_input(clip_size)(x))}
+    if inception is not None:
+        wanted["inception"] = lambda x: inception(protocol.unit_range(x))
+    todo = {k: fn for k, fn in wanted.items() if k not in stats}
+    if todo and not args.fid_reference:
+        print(f"warning: {path} has no {' or '.join(todo)} statistics and no --fid-reference was given: "
+              f"no fid_{' or fid_'.join(todo)}", file=sys.stderr)
+    elif todo:
+        print(f"computing {', '.join(todo)} statistics of {args.fid_reference} (cached in {path})", file=sys.stderr)
+        new, info = protocol.reference_stats(args.fid_reference, todo, batch_size=args.batch_size,
+                                             progress=args.progress)
+        for f in info["failed"][:10]:
+            print(f"  skipped {f['file']}: {f['error']}", file=sys.stderr)
+        meta.update({k: {"reference": str(args.fid_reference), "n": info["n"], "skipped": len(info["failed"]),
+                         "model": str(args.model if k == "clip" else args.inception_weights),
+                         **({"dtype": args.clip_dtype} if k == "clip" else {})} for k in todo})
+        stats.update(new)
+        protocol.save_stats(path, stats, meta)
+    elif args.fid_reference:
+        print(f"using the cached statistics of {args.fid_reference} in {path}", file=sys.stderr)
+    return stats
+
+
+def cocoee_main(args) -> int:
+    """--protocol cocoee: one report per results folder; JSON, or Table 1's Markdown rows."""
+    from pbe_jax import storage
+    from pbe_jax.eval import cocoee_protocol as protocol
+    from pbe_jax.eval import gmm as gmm_lib
+    from pbe_jax.eval.clip import load_image_features
+    from pbe_jax.eval.features import Extractor
+
+    try:
+        for folder in args.results:
+            if not storage.path(folder).is_dir():
+                raise FileNotFoundError(f"{folder}: no such results folder")
+        protocol.read_benchmark(args.benchmark)  # a wrong benchmark fails before the networks load
+        tower, _ = load_image_features(args.model, dtype=args.clip_dtype)
+        clip = Extractor(tower, batch_size=args.batch_size)
+        inception = None
+        if args.inception_weights:
+            from pbe_jax.convert.inception import load_fid_inception
+
+            inception = Extractor(load_fid_inception(args.inception_weights), batch_size=args.batch_size)
+        mixture = gmm_lib.load(args.gmm) if args.gmm else None
+        size = tower.config.image_size
+        stats = cocoee_stats(args, clip, size, inception)
+        reports = {folder: protocol.evaluate(folder, args.benchmark, clip=clip, clip_size=size, inception=inception,
+                                             gmm=mixture, fid_stats=stats, batch_size=args.batch_size,
+                                             progress=args.progress)
+                   for folder in args.results}
+    except (OSError, ValueError) as e:  # WeightsError, ConfigError and ImageError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if emit_json(args, reports):
+        return 0
+    names = [storage.path(f).name for f in reports]
+    print(protocol.markdown(dict(zip(names if len(set(names)) == len(names) else reports, reports.values()))))
+    for folder, report in reports.items() if args.per_item else ():
+        print(f"\n{folder}\n{'id':<20}{'clip':>8}{'psnr':>8}{'ssim':>8}")
+        for r in report["per_item"]:
+            print(f"{r['id']:<20}{r['clip_score']:>8.2f}" + "".join(
+                f"{'-' if r[k] is None else format(r[k], f):>8}" for k, f in (("psnr", ".2f"), ("ssim", ".4f"))))
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["gmm-to-npz"]:
@@ -171,6 +293,8 @@ def main(argv=None) -> int:
     from pbe_jax.eval import LABELS_FILE, evaluate, metrics
 
     compile_cache.enable(args.compile_cache)  # before anything compiles
+    if args.protocol == "cocoee":
+        return cocoee_main(args)
 
     try:
         for folder, what in [(r, "results") for r in args.results] + [(args.benchmark, "benchmark")]:
@@ -192,8 +316,7 @@ def main(argv=None) -> int:
     for report in reports.values():
         if args.no_attributes:
             report["skipped"]["attributes"] = "--no-attributes"
-    if args.json:
-        print(json.dumps(reports if len(reports) > 1 else reports[args.results[0]], indent=2))
+    if emit_json(args, reports):
         return 0
     if len(reports) > 1:
         names = [storage.path(f).name for f in reports]  # the folders' own names when those tell them apart
