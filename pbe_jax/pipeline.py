@@ -27,25 +27,25 @@ def default_dtype():
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
-def resolve_pretrained(path_or_repo: str | os.PathLike) -> storage.Path:
-    """A local or object-store (gs://…) folder, or a Hub repository id downloaded with huggingface_hub (when
-    the network allows)."""
+def resolve_pretrained(path_or_repo: str | os.PathLike, *, variant: str | None = None) -> storage.Path:
+    """A local or object-store (gs://…) folder as it is, or a Hub repository id ("org/name") downloaded with
+    `pbe_jax.hub.download` (when the network allows, or from huggingface_hub's cache): the folders a
+    Paint-by-Example pipeline loads, with safetensors weights or else `.bin` ones (`variant`: e.g. "fp16");
+    for a single-file repository, the path of its checkpoint file."""
     path = storage.path(path_or_repo)
     if storage.is_remote(path) or path.exists():
         return path
     name = str(path_or_repo)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{name}: no such folder (and not a Hub repository id like 'org/name')")
+    from pbe_jax import hub
+    from pbe_jax.convert.diffusers import COMPONENTS, PASSTHROUGH
+
     try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:
-        raise FileNotFoundError(f"{name}: no such folder; downloading it as a Hub repository needs "
-                                f"huggingface_hub (pip install huggingface_hub)") from e
-    try:
-        return storage.path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
-    except Exception as e:  # offline, unknown repository, no access: say which and why
-        raise FileNotFoundError(f"{name}: no such folder, and downloading it from the Hub failed "
-                                f"({type(e).__name__}: {e})") from e
+        return hub.download(name, variant=variant, components=(*COMPONENTS, *PASSTHROUGH))
+    except hub.HubError as e:  # the name may also be a mistyped local folder: say both
+        raise hub.HubError(f"{name}: no such local folder; as a Hub repository: "
+                           f"{str(e).removeprefix(name + ': ')}") from e
 
 
 def _batch(x: Any, n: int | None, convert, what: str) -> list:
@@ -110,7 +110,7 @@ class PaintByExample:
         """`dtype` is the compute dtype (default: bfloat16 on accelerators, float32 on CPU); parameters are
         float32. `attention`: "auto", "xla" or "cudnn"."""
         policy = Policy(dtype=jnp.dtype(dtype or default_dtype()), attention_backend=attention)
-        return cls(load(resolve_pretrained(path_or_repo), policy=policy, variant=variant), mesh=mesh)
+        return cls(load(resolve_pretrained(path_or_repo, variant=variant), policy=policy, variant=variant), mesh=mesh)
 
     @property
     def default_size(self) -> int:
