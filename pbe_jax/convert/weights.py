@@ -90,5 +90,6 @@ def load_file(path: Path) -> dict[str, np.ndarray]:
 
 def save_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write atomically (`storage.write_with`): a crash leaves the old file or none, never a truncated one."""
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    # ascontiguousarray makes 0-d arrays 1-d; reshape keeps scalars (e.g. an EMA's num_updates) scalars.
+    tensors = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()}
     storage.write_with(path, lambda local: safetensors.numpy.save_file(tensors, local, metadata=metadata))
