@@ -106,11 +106,15 @@ class PaintByExample:
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, *, dtype=None, attention: str = "auto",
-                        variant: str | None = None, mesh: jax.sharding.Mesh | None = None) -> "PaintByExample":
-        """`dtype` is the compute dtype (default: bfloat16 on accelerators, float32 on CPU); parameters are
-        float32. `attention`: "auto", "xla" or "cudnn"."""
+                        variant: str | None = None, mesh: jax.sharding.Mesh | None = None,
+                        ema: bool = True) -> "PaintByExample":
+        """`path_or_repo`: a Paint-by-Example folder (diffusers layout or this project's checkpoint), a single file
+        in the original release's layout (`model.ckpt`, `.safetensors`; `ema`: its EMA weights when it has
+        them), or a Hub repository id. `dtype` is the compute dtype (default: bfloat16 on accelerators, float32
+        on CPU); parameters are float32. `attention`: "auto", "xla" or "cudnn"."""
         policy = Policy(dtype=jnp.dtype(dtype or default_dtype()), attention_backend=attention)
-        return cls(load(resolve_pretrained(path_or_repo, variant=variant), policy=policy, variant=variant), mesh=mesh)
+        return cls(load(resolve_pretrained(path_or_repo, variant=variant), policy=policy, variant=variant, ema=ema),
+                   mesh=mesh)
 
     @property
     def default_size(self) -> int:

@@ -155,9 +155,15 @@ def save_component(module: nnx.Module, folder: Path, name: str, *, format: str, 
         raise ValueError(f"format must be 'diffusers' or 'jax', not {format!r}")
 
 
-def load(folder: str | Path, *, policy: Policy = Policy(), variant: str | None = None) -> PaintByExampleModels:
-    """A whole Paint-by-Example folder, diffusers format or this project's checkpoint."""
+def load(folder: str | Path, *, policy: Policy = Policy(), variant: str | None = None,
+         ema: bool = True) -> PaintByExampleModels:
+    """A whole Paint-by-Example folder, diffusers format or this project's checkpoint, or a single file in the
+    original release's layout (`model.ckpt`, `.safetensors`; `ema`: its EMA weights when it has them)."""
     folder = storage.path(folder)
+    if folder.suffix in (".ckpt", ".safetensors", ".pt", ".pth") and not folder.is_dir():
+        from pbe_jax.convert.ldm_file import load_single_file
+
+        return load_single_file(folder, policy=policy, ema=ema)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
     index = folder / INDEX_FILE
@@ -203,14 +209,22 @@ def save(models: PaintByExampleModels, folder: str | Path, *, format: str, dtype
 
 
 def convert(src: str | Path, dst: str | Path, *, to: str | None = None, variant: str | None = None,
-            dtype: str | None = None) -> str:
-    """Convert a folder: diffusers → this project's checkpoint, or back (`to` defaults to the other one);
-    `dtype` stores the weights in that type (e.g. "float16", half the size)."""
+            dtype: str | None = None, ema: bool = True) -> str:
+    """Convert a model: a diffusers folder → this project's checkpoint, or back (`to` defaults to the other
+    one); a single file in the original's layout → this project's checkpoint (or `to="diffusers"`); any of
+    them → `to="ldm"`, a single file in the original's layout (`dst` ends in .safetensors or .ckpt). `dtype`
+    stores the weights in that type (e.g. "float16", half the size); `ema` picks a single file's EMA weights."""
     src, dst = storage.path(src), storage.path(dst)
     to = to or ("diffusers" if is_checkpoint(src) else "jax")
     if (src if storage.is_remote(src) else src.resolve()) == (dst if storage.is_remote(dst) else dst.resolve()):
-        raise ValueError(f"source and destination are the same folder: {src}")
-    save_replacing(load(src, variant=variant), dst, format=to, dtype=dtype)
+        raise ValueError(f"source and destination are the same: {src}")
+    models = load(src, variant=variant, ema=ema)
+    if to == "ldm":
+        from pbe_jax.convert.ldm_file import save_ldm
+
+        save_ldm(models, dst, dtype=dtype)
+    else:
+        save_replacing(models, dst, format=to, dtype=dtype)
     return to
 
 

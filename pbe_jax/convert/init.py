@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from pbe_jax import storage
-from pbe_jax.convert import mapping
+from pbe_jax.convert import ldm_file, mapping
 from pbe_jax.convert.diffusers import (COMPONENTS, PaintByExampleModels, from_state_dict, load, load_component,
                                        read_json)
 from pbe_jax.convert.weights import WeightsError, find_weights, load_file
@@ -69,22 +69,34 @@ def vision_key(key: str) -> str | None:
     return key  # anything else is reported as unexpected
 
 
-def from_stable_diffusion(sd_folder: str | Path, clip_folder: str | Path, *, policy: Policy = Policy(),
-                          seed: int = 0) -> PaintByExampleModels:
-    """The paper's initialisation from an SD v1.x diffusers folder (unet/, vae/, scheduler/) and a CLIP
-    vision folder (e.g. openai/clip-vit-large-patch14: a CLIPModel or CLIPVisionModel checkpoint)."""
-    sd_folder, clip_folder = storage.path(sd_folder), storage.path(clip_folder)
-    unet_cfg = read_json(sd_folder / "unet" / "config.json")
+def _sd_parts(sd: Path, policy: Policy, ema: bool) -> tuple[dict, dict, str, nnx.Module, dict]:
+    """(UNet config, UNet state dict in diffusers' names, where it came from, VAE, extra configs) of an SD v1.x
+    diffusers folder or single file."""
+    if ldm_file.is_single_file(sd):
+        unet_cfg, state, vae, scheduler = ldm_file.load_sd_v1(sd, policy=policy, ema=ema)
+        return unet_cfg, state, str(sd), vae, {"scheduler": scheduler}
+    unet_cfg = read_json(sd / "unet" / "config.json")
     if unet_cfg.get("in_channels") != 4:
-        raise ValueError(f"{sd_folder / 'unet' / 'config.json'}: in_channels is {unet_cfg.get('in_channels')}, "
+        raise ValueError(f"{sd / 'unet' / 'config.json'}: in_channels is {unet_cfg.get('in_channels')}, "
                          f"an SD v1.x text-to-image UNet has 4")
-    path = find_weights(sd_folder / "unet")
-    state = load_file(path)
+    path = find_weights(sd / "unet")
+    extras = {}
+    if (sd / "scheduler" / "scheduler_config.json").is_file():
+        extras["scheduler"] = read_json(sd / "scheduler" / "scheduler_config.json")
+    return unet_cfg, load_file(path), str(path), load_component(sd / "vae", "vae", policy=policy), extras
+
+
+def from_stable_diffusion(sd: str | Path, clip_folder: str | Path, *, policy: Policy = Policy(),
+                          seed: int = 0, ema: bool = True) -> PaintByExampleModels:
+    """The paper's initialisation from SD v1.x — a diffusers folder (unet/, vae/, scheduler/) or a single
+    file (`sd-v1-4.ckpt`, `v1-5-pruned-emaonly.safetensors`; its EMA weights when it has them and `ema`) — and
+    a CLIP vision folder (e.g. openai/clip-vit-large-patch14: a CLIPModel or CLIPVisionModel checkpoint)."""
+    sd, clip_folder = storage.path(sd), storage.path(clip_folder)
+    unet_cfg, state, path, vae, extras = _sd_parts(sd, policy, ema)
     w = state["conv_in.weight"]
     # The 5 new input channels (masked-image latents, mask) start at zero: the UNet begins as SD's.
     state["conv_in.weight"] = np.concatenate([w, np.zeros((w.shape[0], 5) + w.shape[2:], w.dtype)], axis=1)
-    unet = from_state_dict("unet", {**unet_cfg, "in_channels": 9}, state, policy=policy, source=str(path))
-    vae = load_component(sd_folder / "vae", "vae", policy=policy)
+    unet = from_state_dict("unet", {**unet_cfg, "in_channels": 9}, state, policy=policy, source=path)
 
     clip_cfg_path = clip_folder / "config.json"
     clip_cfg = CLIPVisionConfig.from_dict({**read_json(clip_cfg_path), "projection_dim": unet.config.cross_attention_dim[0]},
@@ -94,10 +106,7 @@ def from_stable_diffusion(sd_folder: str | Path, clip_folder: str | Path, *, pol
     fresh = random_params(PaintByExampleImageEncoder, clip_cfg, policy, seed, only=BOTTLENECK)
     encoder = mapping.from_torch(PaintByExampleImageEncoder, clip_cfg, policy, tower, str(clip_path), given=fresh)
 
-    extras = {}
-    if (sd_folder / "scheduler" / "scheduler_config.json").is_file():
-        extras["scheduler"] = read_json(sd_folder / "scheduler" / "scheduler_config.json")
-    for fe in (clip_folder / "preprocessor_config.json", sd_folder / "feature_extractor" / "preprocessor_config.json"):
+    for fe in (clip_folder / "preprocessor_config.json", sd / "feature_extractor" / "preprocessor_config.json"):
         if fe.is_file():
             extras["feature_extractor"] = read_json(fe)
             break
@@ -115,9 +124,10 @@ def clip_vision_state(path: str | Path) -> dict:
     return state
 
 
-def from_paint_by_example(folder: str | Path, *, policy: Policy = Policy()) -> PaintByExampleModels:
-    """Fine-tuning: every network, the bottleneck and the uncond vector as released."""
-    return load(folder, policy=policy)
+def from_paint_by_example(folder: str | Path, *, policy: Policy = Policy(), ema: bool = True) -> PaintByExampleModels:
+    """Fine-tuning: every network, the bottleneck and the uncond vector as released (a folder, or the original
+    release's single file)."""
+    return load(folder, policy=policy, ema=ema)
 
 
 __all__ = ["BOTTLENECK", "WeightsError", "clip_vision_state", "from_paint_by_example", "from_scratch", "from_stable_diffusion",

@@ -130,24 +130,41 @@ def _torch_load(path: Path):
             stubs += new
 
 
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` strings of a safetensors file's header (an 8-byte length, then JSON)."""
+    import json
+
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n)) if 0 < n < 1 << 27 else {}
+    return dict(header.get("__metadata__") or {})
+
+
+def read_file(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(`read_state_dict(path)`, the file's string metadata): a safetensors header's `__metadata__`, or the
+    string entries at the top level of a pickle (what `ldm_file.save_ldm` writes its configs into)."""
+    path = storage.path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return load_file(path), _safetensors_metadata(path)
+    sd = _torch_load(path)
+    meta = {k: v for k, v in sd.items() if isinstance(v, str)} if isinstance(sd, dict) else {}
+    for _ in range(2):
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise WeightsError(f"{path} holds a {type(sd).__name__}, not a dictionary of tensors")
+    return _tensor_dict(sd, path), meta
+
+
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """All tensors of a single-file checkpoint, keyed by the original's names. `.safetensors` is read without
     torch; anything else is a PyTorch pickle read with `torch.load(weights_only=True)` (Lightning's own
     bookkeeping objects beside the weights are unpickled as inert stand-ins; any other object is refused).
     A Lightning checkpoint's `state_dict` (nested once or twice) is unwrapped; other entries (epoch,
     optimizer states, …) are dropped."""
-    path = storage.path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        return load_file(path)
-    sd = _torch_load(path)
-    for _ in range(2):
-        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-            sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise WeightsError(f"{path} holds a {type(sd).__name__}, not a dictionary of tensors")
-    return _tensor_dict(sd, path)
+    return read_file(path)[0]
 
 
 # ------------------------------------------------------------------------------------------------ detecting

@@ -12,12 +12,16 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    # "sd" (SD v1.x + CLIP vision folders), "pbe" (a Paint-by-Example folder), "components" (pretrained
-    # vae/ and image_encoder/ component folders, UNet from scratch), "scratch"
+    # "sd" (SD v1.x: sd_folder or sd_file, + a CLIP vision folder), "pbe" (a Paint-by-Example pbe_folder or the
+    # original release's pbe_file), "components" (pretrained vae/ and image_encoder/ component folders, UNet
+    # from scratch), "scratch"
     init: str = "scratch"
     sd_folder: str = ""
+    sd_file: str = ""  # an SD v1 single file: sd-v1-4.ckpt, v1-5-pruned-emaonly.safetensors
     clip_folder: str = ""
     pbe_folder: str = ""
+    pbe_file: str = ""  # the original release's model.ckpt
+    ema: bool = True  # a single file's EMA weights, when it has them
     vae_folder: str = ""
     image_encoder_folder: str = ""
     unet: dict = dataclasses.field(default_factory=dict)  # config.json keys, for "scratch"

@@ -17,6 +17,7 @@ from pbe_jax import convert, parallel, storage
 from pbe_jax.batch import save_png
 from pbe_jax.convert import init as initialise
 from pbe_jax.convert import mapping
+from pbe_jax.convert.ldm_file import default_extras
 from pbe_jax.diffusion import NoiseSchedule
 from pbe_jax.models import CLIPVisionConfig, Policy, UNet2DConditionModel, UNetConfig, VAEConfig
 from pbe_jax.train import state as train_state
@@ -35,10 +36,15 @@ class TrainingDiverged(RuntimeError):
 def build_models(cfg: TrainConfig) -> convert.PaintByExampleModels:
     m = cfg.model
     policy = Policy(dtype=jnp.dtype(m.dtype), attention_backend=m.attention)
-    if m.init == "sd":
-        return initialise.from_stable_diffusion(m.sd_folder, m.clip_folder, policy=policy, seed=cfg.seed)
-    if m.init == "pbe":
-        return initialise.from_paint_by_example(m.pbe_folder, policy=policy)
+    if m.init in ("sd", "pbe"):
+        folder, file = (m.sd_folder, m.sd_file) if m.init == "sd" else (m.pbe_folder, m.pbe_file)
+        if bool(folder) == bool(file):
+            raise ValueError(f"model.init={m.init} needs one of model.{m.init}_folder and model.{m.init}_file"
+                             + (f", not both ({folder}, {file})" if folder else ""))
+        if m.init == "sd":
+            return initialise.from_stable_diffusion(folder or file, m.clip_folder, policy=policy, seed=cfg.seed,
+                                                    ema=m.ema)
+        return initialise.from_paint_by_example(folder or file, policy=policy, ema=m.ema)
     if m.init == "components":
         return convert.PaintByExampleModels(
             initialise.random_module(UNet2DConditionModel, UNetConfig.from_dict(m.unet, "model.unet"), policy,
@@ -56,11 +62,7 @@ def build_models(cfg: TrainConfig) -> convert.PaintByExampleModels:
 
 def _scratch_extras(cfg: TrainConfig) -> dict:
     """Sampling configs for a model trained here: the PLMS scheduler and the reference preprocessing."""
-    size = cfg.data.reference_size
-    return {"scheduler": {"_class_name": "PNDMScheduler", **NoiseSchedule().to_config(),
-                          "skip_prk_steps": True},
-            "feature_extractor": {"crop_size": {"height": size, "width": size}, "size": {"shortest_edge": size},
-                                  "do_center_crop": True, "do_normalize": True, "do_resize": True, "resample": 3}}
+    return default_extras(cfg.data.reference_size)
 
 
 def make_source(cfg: TrainConfig):
