@@ -18,8 +18,9 @@ run, each host resumes its own share, and the failures of all hosts end up in OU
 Any path may be local or in a bucket (gs://...).
 
 Real, SD-sized weights: DIR is a diffusers Paint-by-Example folder (e.g. a local copy of
-Fantasy-Studio/Paint-by-Example, 512² images), a checkpoint written by `python -m pbe_jax.convert`, or a Hub
-repository id when the network allows. The working size defaults to the model's (512 for SD, 64 for the
+Fantasy-Studio/Paint-by-Example, 512² images), a checkpoint written by `python -m pbe_jax.convert`, the
+original release's single file (model.ckpt, or a .safetensors of it), or a Hub repository id when the network
+allows. The working size defaults to the model's (512 for SD, 64 for the
 shipped model); use bfloat16 (the default on GPU/TPU) for SD-sized models.
 A manifest is JSONL with "source", "mask", "reference" (and optionally "id") per line; a COCOEE folder has
 source/ (or GT_*), mask/ (or Mask_*) and reference/ (or Ref_*) subfolders whose files share an id.
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained", default=str(DEFAULT_MODEL),
-                   help="model folder, checkpoint, or Hub repository id (default: the shipped synthetic model, "
+                   help="model folder, checkpoint, the original release's single file (model.ckpt, .safetensors), "
+                        "or Hub repository id (default: the shipped synthetic model, "
                         f"{DEFAULT_MODEL.relative_to(ROOT)})")
     p.add_argument("--image", help="source image (one edit)")
     p.add_argument("--mask", help="mask image, white = edit (one edit)")

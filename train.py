@@ -3,7 +3,7 @@
     python train.py --config tiny --workdir runs/tiny                    # a small model on a laptop CPU
     python train.py --config sd14 --workdir runs/sd14 \\
         model.sd_folder=/data/stable-diffusion-v1-4 model.clip_folder=/data/clip-vit-large-patch14 \\
-        data.source=tfds data.name=open_images_v4
+        data.source=tfds data.name=open_images_v4       # (model.sd_file=sd-v1-4.ckpt: an SD v1 single file)
     python train.py --config tiny --workdir runs/tiny --resume           # continue after an interruption
     python train.py --workdir runs/tiny --export                         # a diffusers folder from the
     python train.py --workdir runs/tiny --export 2000                    # latest checkpoint, or step 2000

@@ -5,6 +5,10 @@ condition dropped with p = 0.2, bf16 compute over float32 parameters.
         model.sd_folder=/data/stable-diffusion-v1-4 model.clip_folder=/data/clip-vit-large-patch14 \\
         data.source=tfds data.name=open_images_v4 data.data_dir=/data/tfds data.workers=16
 
+Instead of model.sd_folder, an SD v1 single file: model.sd_file=sd-v1-4.ckpt (its EMA weights when it has
+them; model.ema=False for the others). To fine-tune the original release: model.init=pbe
+model.pbe_file=model.ckpt.
+
 The paper trained with batch 64 on 8 GPUs for 40 epochs of OpenImages; set data.batch_size and steps to
 match your hardware. On one 24 GB card: data.batch_size=1 model.remat=True model.frozen_dtype=bfloat16.
 """

@@ -235,3 +235,25 @@ def test_bad_files_are_refused_naming_file_key_and_shapes(exported, tmp_path):
         load_sd_v1(path)
     with pytest.raises(ValueError, match="an ldm file is .safetensors"):
         save_ldm(models, tmp_path / "model.bin")
+
+
+def test_a_full_size_release_file_derives_sd14_configs():
+    """A file without this project's metadata: the configs derived from the shapes of a full-size release
+    layout (no memory: zero-strided arrays) are this port's SD-1.4 / ViT-L/14 configs."""
+    from pbe_jax.models import (AutoencoderKL, CLIPVisionConfig, PaintByExampleImageEncoder, Policy,
+                                UNet2DConditionModel, UNetConfig, VAEConfig)
+
+    def torch_state(cls, config):
+        _, flat = mapping.abstract_model(cls, config, Policy())
+        return {mapping.torch_name(p): np.broadcast_to(np.float32(0), mapping.torch_shape(p, v.get_value().shape))
+                for p, v in flat.items()}
+
+    unet, vae, enc = UNetConfig(), VAEConfig(), CLIPVisionConfig()
+    sd = {ldm.UNET_PREFIX + k: v for k, v in ldm.unet_to_ldm(torch_state(UNet2DConditionModel, unet),
+                                                              unet.to_dict()).items()}
+    sd.update({ldm.VAE_PREFIX + k: v for k, v in ldm.vae_to_ldm(torch_state(AutoencoderKL, vae), vae.to_dict()).items()})
+    sd.update(single_file.image_encoder_to_ldm(torch_state(PaintByExampleImageEncoder, enc)))
+    assert single_file.detect(sd) == "pbe" and len(sd) == 1390  # UNet 686, VAE 248, encoder and bottleneck 456
+    assert UNetConfig.from_dict(ldm.unet_config_from_ldm(sd)) == unet
+    assert VAEConfig.from_dict(ldm.vae_config_from_ldm(sd)) == vae
+    assert CLIPVisionConfig.from_dict(single_file.image_encoder_config_from_ldm(sd)) == enc
