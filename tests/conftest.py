@@ -61,6 +61,20 @@ def tiny_pair(tiny_folder):
     return get
 
 
+SMALL_BENCHMARK = {"n": 6, "image_size": 96, "reference_size": 80}
+
+
+@pytest.fixture(scope="session")
+def bench(tmp_path_factory):
+    """The synthetic held-out benchmark at a small size (SMALL_BENCHMARK), made once per session; a test that
+    changes it works on a copy."""
+    from pbe_jax.data import benchmark
+
+    out = tmp_path_factory.mktemp("bench")
+    benchmark.make_benchmark(out, **SMALL_BENCHMARK)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,16 +12,10 @@ from PIL import Image
 from pbe_jax import batch
 from pbe_jax.data import benchmark, pairs, synthetic
 
+from conftest import SMALL_BENCHMARK
+
 ROOT = Path(__file__).resolve().parents[1]
-SIZE = 96
-N = 6
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    benchmark.make_benchmark(out, n=N, image_size=SIZE, reference_size=80)
-    return out
+SIZE, N = SMALL_BENCHMARK["image_size"], SMALL_BENCHMARK["n"]  # the conftest's `bench`
 
 
 def digests(folder: Path) -> dict[str, str]:

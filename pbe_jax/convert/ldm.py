@@ -26,6 +26,7 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 
 from pbe_jax.convert.weights import WeightsError
+from pbe_jax.models.config import per_block
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -200,12 +201,15 @@ def _contiguous(groups: dict[int, list[str]], start: int, prefix: str, what: str
                            f"without gaps")
 
 
-def _per_block(value: Any, n: int, key: str) -> tuple:
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise WeightsError(f"config {key} has {len(value)} entries for {n} blocks")
-        return tuple(value)
-    return (value,) * n
+
+
+def _shape_of(ldm: Mapping[str, Any], prefix: str, what: str):
+    """key → its tensor's shape; WeightsError naming the key when the file lacks it."""
+    def shape(key: str) -> tuple:
+        if key not in ldm:
+            raise WeightsError(f"{prefix}{key}: missing; the {what} config cannot be read without it")
+        return ldm[key].shape
+    return shape
 
 
 def _as_dict(config: Any) -> dict:
@@ -249,7 +253,7 @@ def _unet_structure_from_config(config: Mapping[str, Any]) -> _Structure:
     mid = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
     if mid not in ("UNetMidBlock2DCrossAttn", None):
         raise WeightsError(f"config mid_block_type={mid!r}: the LDM layout has a cross-attention mid block")
-    return _Structure(tuple(int(x) for x in _per_block(config.get("layers_per_block", 2), n, "layers_per_block")),
+    return _Structure(tuple(int(x) for x in per_block(config.get("layers_per_block", 2), n, "layers_per_block")),
                       tuple(t.startswith("CrossAttn") for t in down), tuple(t.startswith("CrossAttn") for t in up),
                       mid is not None)
 
@@ -301,11 +305,7 @@ def unet_config_from_ldm(sd: Mapping[str, np.ndarray], prefix: str = UNET_PREFIX
     """
     ldm = _strip(sd, prefix)
     s = _unet_structure_from_ldm(ldm, prefix)
-
-    def shape(key: str) -> tuple:
-        if key not in ldm:
-            raise WeightsError(f"{prefix}{key}: missing; the UNet config cannot be read without it")
-        return ldm[key].shape
+    shape = _shape_of(ldm, prefix, "UNet")
 
     n, first = len(s.layers), 1
     block_out_channels = []
@@ -391,11 +391,7 @@ def vae_config_from_ldm(sd: Mapping[str, np.ndarray], prefix: str = VAE_PREFIX, 
     cannot show (norm_num_groups, ...); contradicting a value the weights determine is a ValueError."""
     ldm = _strip(sd, prefix)
     s = _vae_structure_from_ldm(ldm, prefix)
-
-    def shape(key: str) -> tuple:
-        if key not in ldm:
-            raise WeightsError(f"{prefix}{key}: missing; the VAE config cannot be read without it")
-        return ldm[key].shape
+    shape = _shape_of(ldm, prefix, "VAE")
 
     n = len(s.layers)
     config = {
