@@ -162,3 +162,19 @@ def test_float16_storage_halves_the_files_and_loads_back_rounded(tiny_folder, tm
             np.testing.assert_array_equal(half[name][k], x.astype(np.float16).astype(np.float32))
     with pytest.raises(ValueError, match="storage dtype must be one of"):
         convert(src, tmp_path / "bad", to=to, dtype="int8")
+
+
+def test_variant_weights_fall_back_to_plain_ones_and_both_shard_index_spellings_load(tmp_path):
+    from pbe_jax.convert.weights import WeightsError, find_weights, load_file, save_safetensors
+
+    w = np.arange(3, dtype=np.float32)
+    save_safetensors({"w": w}, tmp_path / "model.safetensors")
+    assert find_weights(tmp_path, "fp16").name == "model.safetensors"  # no fp16 files: the plain ones
+    save_safetensors({"w": w.astype(np.float16)}, tmp_path / "model-00001-of-00001.fp16.safetensors")
+    index = json.dumps({"weight_map": {"w": "model-00001-of-00001.fp16.safetensors"}})
+    (tmp_path / "model.safetensors.index.fp16.json").write_text(index)  # as diffusers/transformers spell it
+    found = find_weights(tmp_path, "fp16")
+    assert found.name == "model.safetensors.index.fp16.json" and load_file(found)["w"].dtype == np.float16
+    assert find_weights(tmp_path).name == "model.safetensors"
+    with pytest.raises(WeightsError, match="no weights"):
+        find_weights(tmp_path / "nothing", "fp16")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors.numpy needs)
 import numpy as np
@@ -22,17 +23,29 @@ class WeightsError(ValueError):
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
 
 
-def find_weights(folder: Path, variant: str | None = None) -> Path:
-    """The weight file (or shard index) of a component folder, safetensors preferred over pickles."""
-    folder = storage.path(folder)
+def _weight_names(variant: str | None) -> list[str]:
+    """The names a component's weights go by, safetensors first; a variant's shard index in both spellings
+    (diffusers and transformers write model.safetensors.index.fp16.json)."""
     names = []
     for base in WEIGHT_NAMES:
         stem = f"{base}.{variant}" if variant else base
         names += [f"{stem}.safetensors", f"{stem}.safetensors.index.json", f"{stem}.bin", f"{stem}.bin.index.json"]
-    for name in sorted(names, key=lambda n: (".bin" in n, names.index(n))):
-        if (folder / name).is_file():
-            return folder / name
-    raise WeightsError(f"no weights in {folder} (looked for {', '.join(names)})")
+        if variant:
+            names += [f"{base}.safetensors.index.{variant}.json", f"{base}.bin.index.{variant}.json"]
+    return sorted(names, key=lambda n: (".bin" in n, names.index(n)))
+
+
+def find_weights(folder: Path, variant: str | None = None) -> Path:
+    """The weight file (or shard index) of a component folder, safetensors preferred over pickles. With a
+    `variant` ("fp16"), its files where the folder has them, else the plain ones (as diffusers does)."""
+    folder = storage.path(folder)
+    tried = []
+    for names in ([_weight_names(variant)] if variant else []) + [_weight_names(None)]:
+        tried += names
+        for name in names:
+            if (folder / name).is_file():
+                return folder / name
+    raise WeightsError(f"no weights in {folder} (looked for {', '.join(tried)})")
 
 
 def _load_pickle(path: Path) -> dict[str, np.ndarray]:
@@ -74,7 +87,7 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
 def load_file(path: Path) -> dict[str, np.ndarray]:
     """All tensors of one weight file or shard index, as numpy arrays keyed by PyTorch parameter name."""
     path = storage.path(path)
-    if path.name.endswith(".index.json"):
+    if path.name.endswith(".index.json") or re.search(r"\.index\.[\w-]+\.json$", path.name):
         try:
             index = json.loads(path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
