@@ -4,7 +4,7 @@
 #
 #   bash bench/cocoee.sh MODEL COCOEE COCO_TEST2017 CLIP_DIR GMM_NPZ [OUT]
 #
-#   MODEL          a Paint-by-Example model (diffusers folder, checkpoint or Hub id)
+#   MODEL          a Paint-by-Example model (diffusers folder, checkpoint, the release's model.ckpt, or Hub id)
 #   COCOEE         the release's test_bench folder (GT_3500/, Mask_bbox_3500/, Ref_3500/, id_list.npy)
 #   COCO_TEST2017  the real images for the FIDs (their statistics are cached in OUT/coco_stats.npz)
 #   CLIP_DIR       openai/clip-vit-base-patch32 as a transformers folder
