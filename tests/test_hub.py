@@ -287,3 +287,20 @@ def test_offline_uses_the_cache(fake_hub, tmp_path, monkeypatch):
     with pytest.raises(HubError, match=r"^org/never: cannot reach the Hugging Face Hub \(OfflineModeIsEnabled.*"
                                        r"not in the local cache"):
         hub.download("org/never")
+
+
+def test_a_single_file_repository_loads_through_from_pretrained(fake_hub, tiny_folder, tmp_path):
+    """A repository that holds one file in the original release's layout (plus a model card) opens with
+    `PaintByExample.from_pretrained("org/name")`, with the weights of the folder it was exported from."""
+    from pbe_jax.convert import load, mapping
+    from pbe_jax.convert.ldm_file import save_ldm
+    from pbe_jax.pipeline import PaintByExample
+
+    models = load(tiny_folder("sd"))
+    repo = make_repo(tmp_path / "single", {"README.md": "# card"})
+    save_ldm(models, tmp_path / "single" / "model.safetensors")
+    fake_hub.add("org/pbe-single", repo)
+    pipe = PaintByExample.from_pretrained("org/pbe-single", dtype="float32")
+    assert fake_hub.fetched("org/pbe-single") == {"model.safetensors"}
+    want, got = mapping.module_params(models.unet), mapping.module_params(pipe.models.unet)
+    assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
