@@ -70,7 +70,8 @@ def parse_args(argv=None):
                                                                     ".safetensors) for the standard FID")
     cocoee.add_argument("--clip-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                         help="CLIP's compute and weight dtype (the original ran it in float16 on a GPU)")
-    cocoee.add_argument("--progress", action="store_true", help="progress bars on stderr")
+    cocoee.add_argument("--progress", action="store_true", help="progress bars on stderr even when it is not a "
+                                                                "terminal (default: only on a terminal)")
     p.add_argument("--batch-size", type=int, default=32, help="items read and embedded at a time")
     p.add_argument("--per-item", action="store_true", help="also print one row per item")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON (PSNR inf as Infinity)")
@@ -229,7 +230,7 @@ def cocoee_stats(args, clip, clip_size, inception) -> dict | None:
     elif todo:
         print(f"computing {', '.join(todo)} statistics of {args.fid_reference} (cached in {path})", file=sys.stderr)
         new, info = protocol.reference_stats(args.fid_reference, todo, batch_size=args.batch_size,
-                                             progress=args.progress)
+                                             progress=args.progress or None)
         for f in info["failed"][:10]:
             print(f"  skipped {f['file']}: {f['error']}", file=sys.stderr)
         meta.update({k: {"reference": str(args.fid_reference), "n": info["n"], "skipped": len(info["failed"]),
@@ -267,7 +268,7 @@ def cocoee_main(args) -> int:
         stats = cocoee_stats(args, clip, size, inception)
         reports = {folder: protocol.evaluate(folder, args.benchmark, clip=clip, clip_size=size, inception=inception,
                                              gmm=mixture, fid_stats=stats, batch_size=args.batch_size,
-                                             progress=args.progress)
+                                             progress=args.progress or None)
                    for folder in args.results}
     except (OSError, ValueError) as e:  # WeightsError, ConfigError and ImageError are ValueErrors
         print(f"error: {e}", file=sys.stderr)

@@ -111,16 +111,17 @@ def _unmasked(fn, item: Loaded) -> float | None:
         return None
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int, desc: str, enabled: bool | None):
+    """A tqdm bar on stderr: always (True), never (False), or where stderr is a terminal (None)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", desc=desc, disable=not enabled)
+    return tqdm(total=total, unit="img", desc=desc, disable=None if enabled is None else not enabled)
 
 
 def evaluate(results_dir: PathLike, benchmark_dir: PathLike, *, clip: Extractor, clip_size: int = cocoee.CLIP_SIZE,
              inception: Extractor | None = None, gmm: GaussianMixture | None = None,
              fid_stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, batch_size: int = 32,
-             progress: bool = False) -> dict:
+             progress: bool | None = False) -> dict:
     """Score one results folder against a COCOEE-layout benchmark. `clip`: an Extractor of the CLIP tower
     with its projection (inputs `clip_size`² CLIP-normalised pixels); `inception`: an Extractor of the FID
     InceptionV3 (inputs [0, 1] images) for `fid_inception`; `gmm` for `qs`; `fid_stats`: {"clip": (mu,
@@ -148,9 +149,12 @@ def evaluate(results_dir: PathLike, benchmark_dir: PathLike, *, clip: Extractor,
             if not items:
                 continue
             resized += sum(it.resized for it in items)
-            region = clip([cocoee.region_pixels(it.result, it.mask, clip_size) for it in items])
-            ref = clip([cocoee.reference_pixels(it.reference, clip_size) for it in items])
-            features["clip"].append(clip([cocoee.clip_pixels(it.result, clip_size) for it in items]))
+            # One call for the three inputs of every item: regions, references, whole results.
+            region, ref, whole = np.split(clip(
+                [cocoee.region_pixels(it.result, it.mask, clip_size) for it in items]
+                + [cocoee.reference_pixels(it.reference, clip_size) for it in items]
+                + [cocoee.clip_pixels(it.result, clip_size) for it in items]), 3)
+            features["clip"].append(whole)
             if inception is not None:
                 features["inception"].append(inception([it.result.astype(np.float32) / 255 for it in items]))
             for it, score in zip(items, metrics.cosine(region, ref) * 100):
@@ -200,7 +204,7 @@ def real_images(folder: PathLike) -> list[Path]:
 
 
 def reference_stats(folder: PathLike, extractors: dict[str, Callable[[list[np.ndarray]], np.ndarray]], *,
-                    batch_size: int = 32, progress: bool = False) -> tuple[dict, dict]:
+                    batch_size: int = 32, progress: bool | None = False) -> tuple[dict, dict]:
     """Mean and covariance of each extractor's features over the real images in `folder` (each prepared by
     `cocoee.coco_reference`); `extractors` maps a kind to a function from those uint8 images to features.
     Returns ({kind: (mu, sigma)}, {"n": images used, "failed": [{"file", "error"}]})."""
