@@ -32,7 +32,7 @@ PARAMS_FILE = "params.safetensors"
 PASSTHROUGH = {"scheduler": "scheduler_config.json", "feature_extractor": "preprocessor_config.json"}
 
 
-def _encoder_key(key: str) -> str:
+def encoder_key(key: str) -> str:
     # Released checkpoints (transformers 4) name the CLIP tower model.vision_model.*, transformers 5 saves
     # model.*; both load, and exports use the first form, which both versions read.
     if key.startswith("model.") and not key.startswith("model.vision_model."):
@@ -56,7 +56,7 @@ COMPONENTS = {
     "vae": Component(AutoencoderKL, VAEConfig, "diffusion_pytorch_model.safetensors",
                      ("diffusers", "AutoencoderKL")),
     "image_encoder": Component(PaintByExampleImageEncoder, CLIPVisionConfig, "model.safetensors",
-                               ("paint_by_example", "PaintByExampleImageEncoder"), _encoder_key,
+                               ("paint_by_example", "PaintByExampleImageEncoder"), encoder_key,
                                lambda k: k.endswith("embeddings.position_ids")),
 }
 
@@ -160,10 +160,10 @@ def load(folder: str | Path, *, policy: Policy = Policy(), variant: str | None =
     """A whole Paint-by-Example folder, diffusers format or this project's checkpoint, or a single file in the
     original release's layout (`model.ckpt`, `.safetensors`; `ema`: its EMA weights when it has them)."""
     folder = storage.path(folder)
-    if folder.suffix in (".ckpt", ".safetensors", ".pt", ".pth") and not folder.is_dir():
-        from pbe_jax.convert.ldm_file import load_single_file
+    from pbe_jax.convert import ldm_file  # (it builds on this module)
 
-        return load_single_file(folder, policy=policy, ema=ema)
+    if folder.suffix in ldm_file.SUFFIXES and not folder.is_dir():
+        return ldm_file.load_single_file(folder, policy=policy, ema=ema)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
     index = folder / INDEX_FILE

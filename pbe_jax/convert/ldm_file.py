@@ -23,7 +23,7 @@ from pbe_jax.diffusion.schedule import NoiseSchedule
 from pbe_jax.models import Policy
 from pbe_jax.storage import Path, PathLike
 
-SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")
+SUFFIXES = single_file.SUFFIXES
 CONFIGS_KEY = "pbe_jax_configs"  # the metadata entry save_ldm writes: {"unet": …, "vae": …, "image_encoder": …}
 
 

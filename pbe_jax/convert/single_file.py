@@ -15,18 +15,16 @@ The original's names (one flat dict, often under `state_dict`, sometimes twice):
 """
 from __future__ import annotations
 
-import io
-import os
-import pickle
 import re
-import zipfile
 
 import numpy as np
 
 from pbe_jax import storage
-from pbe_jax.convert.weights import WeightsError, load_file
+from pbe_jax.convert.diffusers import encoder_key
+from pbe_jax.convert.weights import WeightsError, load_file, read_pickle
 from pbe_jax.storage import Path
 
+SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")  # what a single file is named
 UNET = "model.diffusion_model."
 CONV_IN = UNET + "input_blocks.0.0.weight"
 EMA = "model_ema."
@@ -40,96 +38,6 @@ FINAL_LN = "cond_stage_model.final_ln."
 MAPPER_NAMES = {"ln_1": "norm1", "attn.c_proj": "attn1.to_out.0", "ln_2": "norm3", "mlp.c_fc": "ff.net.0.proj",
                 "mlp.c_proj": "ff.net.2"}
 QKV = ("attn1.to_q", "attn1.to_k", "attn1.to_v")
-# Bookkeeping objects of (PyTorch) Lightning that a training checkpoint pickles beside the weights (e.g. the
-# ModelCheckpoint class as a key of `callbacks`). They are unpickled as an inert stand-in, never imported.
-_STUBBED = re.compile(r"^(pytorch_lightning|lightning|lightning_fabric)\.")
-
-
-class _Stub:
-    """What a Lightning object in a checkpoint unpickles to: nothing of it is imported or executed."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-
-# ------------------------------------------------------------------------------------------------- reading
-
-def _tensor_dict(d: dict, path) -> dict[str, np.ndarray]:
-    import torch
-
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, torch.Tensor):
-            v = v.detach()
-            if v.dtype == torch.bfloat16:
-                import ml_dtypes
-                out[k] = v.float().numpy().astype(ml_dtypes.bfloat16)
-            else:
-                out[k] = v.numpy()
-    if not out:
-        shown = ", ".join(repr(k) for k in list(d)[:8]) or "nothing"
-        raise WeightsError(f"{path}: no tensors in it (it holds {shown})")
-    return out
-
-
-def _damage(path: Path) -> str:
-    # torch's own message for a cut-off zip archive is a bare "[Errno 22] Invalid argument"
-    try:
-        with path.open("rb") as f:
-            head = f.read(4)
-        cut = head == b"PK\x03\x04" and not zipfile.is_zipfile(
-            io.BytesIO(path.read_bytes()) if storage.is_remote(path) else os.fspath(path))
-    except OSError:
-        cut = False
-    return ("it is a zip archive (torch.save's format) without its end: the file is truncated" if cut
-            else "it may be truncated or not a checkpoint")
-
-
-def _torch_load(path: Path):
-    try:
-        import torch
-    except ImportError as e:
-        raise WeightsError(f"{path} is a PyTorch pickle; reading it needs torch (pip install 'pbe-jax[torch]'), "
-                           f"or convert it to safetensors first") from e
-    data = path.read_bytes() if storage.is_remote(path) else None
-
-    def src():
-        return io.BytesIO(data) if data is not None else os.fspath(path)
-
-    def refused_globals(error) -> list[str] | None:
-        # the globals weights_only would not construct: all at once for zip files, one per try for legacy ones
-        if not isinstance(error, pickle.UnpicklingError):
-            return None
-        try:
-            return list(torch.serialization.get_unsafe_globals_in_checkpoint(src()))
-        except Exception:
-            return re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(error)) or None
-
-    stubs: list[str] = []
-    mmap = data is None and zipfile.is_zipfile(src())  # zip format: map it rather than copy gigabytes
-    while True:
-        try:
-            with torch.serialization.safe_globals([(_Stub, name) for name in stubs]):
-                return torch.load(src(), map_location="cpu", weights_only=True, mmap=mmap)
-        except Exception as e:  # UnpicklingError (a refused global), OSError/RuntimeError/EOFError (damage), …
-            unsafe = refused_globals(e)
-            if unsafe is None:
-                line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                raise WeightsError(f"{path}: cannot read this PyTorch checkpoint; {_damage(path)} "
-                                   f"({type(e).__name__}: {line})") from e
-            refused = [g for g in unsafe if not _STUBBED.match(g)]
-            new = [g for g in unsafe if g not in stubs]
-            if refused or not new:
-                raise WeightsError(f"{path}: refusing to load. Besides tensors it pickles "
-                                   f"{', '.join(refused) or 'objects'}, which torch.load(weights_only=True) does "
-                                   f"not construct (constructing them could run code). Re-save its state_dict "
-                                   f"alone, or as safetensors, where the file comes from a source you trust") from e
-            stubs += new
-
-
 def _safetensors_metadata(path: Path) -> dict[str, str]:
     """The `__metadata__` strings of a safetensors file's header (an 8-byte length, then JSON)."""
     import json
@@ -148,14 +56,7 @@ def read_file(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         raise WeightsError(f"{path}: no such file")
     if path.suffix == ".safetensors":
         return load_file(path), _safetensors_metadata(path)
-    sd = _torch_load(path)
-    meta = {k: v for k, v in sd.items() if isinstance(v, str)} if isinstance(sd, dict) else {}
-    for _ in range(2):
-        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-            sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise WeightsError(f"{path} holds a {type(sd).__name__}, not a dictionary of tensors")
-    return _tensor_dict(sd, path), meta
+    return read_pickle(path)
 
 
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
@@ -244,11 +145,7 @@ def select_ema(sd: dict, ema: bool = True) -> SelectedWeights:
 
 def _vision_key(key: str) -> str | None:
     # diffusers' encoder names (released: model.vision_model.*; transformers 5 saves model.*) → the tower's path
-    if key.startswith("model.vision_model."):
-        return key[len("model."):]
-    if key.startswith("model."):
-        return "vision_model." + key[len("model."):]
-    return None
+    return encoder_key(key)[len("model."):] if key.startswith("model.") else None
 
 
 def image_encoder_from_ldm(sd: dict) -> dict[str, np.ndarray]:

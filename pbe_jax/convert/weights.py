@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import re
+import zipfile
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors.numpy needs)
 import numpy as np
@@ -48,30 +50,101 @@ def find_weights(folder: Path, variant: str | None = None) -> Path:
     raise WeightsError(f"no weights in {folder} (looked for {', '.join(tried)})")
 
 
-def _load_pickle(path: Path) -> dict[str, np.ndarray]:
+# Bookkeeping objects of (PyTorch) Lightning that a training checkpoint pickles beside the weights (e.g. the
+# ModelCheckpoint class as a key of `callbacks`). They are unpickled as an inert stand-in, never imported.
+_STUBBED = re.compile(r"^(pytorch_lightning|lightning|lightning_fabric)\.")
+
+
+class _Stub:
+    """What a Lightning object in a checkpoint unpickles to: nothing of it is imported or executed."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _damage(path: Path) -> str:
+    # torch's own message for a cut-off zip archive is a bare "[Errno 22] Invalid argument"
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+        cut = head == b"PK\x03\x04" and not zipfile.is_zipfile(
+            io.BytesIO(path.read_bytes()) if storage.is_remote(path) else os.fspath(path))
+    except OSError:
+        cut = False
+    return ("it is a zip archive (torch.save's format) without its end: the file is truncated" if cut
+            else "it may be truncated or not a checkpoint")
+
+
+def _torch_load(path: Path):
+    """`torch.load(weights_only=True)` of `path`; Lightning's bookkeeping objects come back as inert stand-ins,
+    any other object is refused (WeightsError naming it), as is a damaged file."""
     try:
         import torch
     except ImportError as e:
         raise WeightsError(f"{path} is a PyTorch pickle; reading it needs torch (pip install 'pbe-jax[torch]'), "
                            f"or convert it to safetensors first") from e
-    try:
-        sd = torch.load(io.BytesIO(path.read_bytes()) if storage.is_remote(path) else os.fspath(path), map_location="cpu",
-                        weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
-        raise WeightsError(f"{path}: refusing to load. It is not a plain tensor pickle that "
-                           f"torch.load(weights_only=True) accepts (it may execute code, or be truncated): "
-                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
+    data = path.read_bytes() if storage.is_remote(path) else None
+
+    def src():
+        return io.BytesIO(data) if data is not None else os.fspath(path)
+
+    def refused_globals(error) -> list[str] | None:
+        # the globals weights_only would not construct: all at once for zip files, one per try for legacy ones
+        if not isinstance(error, pickle.UnpicklingError):
+            return None
+        try:
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(src()))
+        except Exception:
+            return re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(error)) or None
+
+    stubs: list[str] = []
+    mmap = data is None and zipfile.is_zipfile(src())  # zip format: map it rather than copy gigabytes
+    while True:
+        try:
+            with torch.serialization.safe_globals([(_Stub, name) for name in stubs]):
+                return torch.load(src(), map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as e:  # UnpicklingError (a refused global), OSError/RuntimeError/EOFError (damage), …
+            unsafe = refused_globals(e)
+            if unsafe is None:
+                line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise WeightsError(f"{path}: cannot read this PyTorch checkpoint; {_damage(path)} "
+                                   f"({type(e).__name__}: {line})") from e
+            refused = [g for g in unsafe if not _STUBBED.match(g)]
+            new = [g for g in unsafe if g not in stubs]
+            if refused or not new:
+                raise WeightsError(f"{path}: refusing to load. Besides tensors it pickles "
+                                   f"{', '.join(refused) or 'objects'}, which torch.load(weights_only=True) does "
+                                   f"not construct (constructing them could run code). Re-save its state_dict "
+                                   f"alone, or as safetensors, where the file comes from a source you trust") from e
+            stubs += new
+
+
+def read_pickle(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, the string entries at the pickle's top level) of a PyTorch weights file: a plain state dict,
+    or a (Lightning) checkpoint with it under `state_dict`, nested once or twice (other entries, such as the
+    epoch or optimizer states, are left out). Every entry of the state dict must be a tensor."""
+    import torch
+
+    path = storage.path(path)
+    sd = _torch_load(path)
+    meta = {k: v for k, v in sd.items() if isinstance(v, str)} if isinstance(sd, dict) else {}
+    for _ in range(2):
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise WeightsError(f"{path} holds a {type(sd).__name__}, not a dictionary of tensors")
+    if not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"{path}: no tensors in it (it holds {', '.join(repr(k) for k in list(sd)[:8]) or 'nothing'})")
     out = {}
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
             raise WeightsError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
         v = v.detach()
         out[k] = v.float().numpy().astype(ml_dtypes.bfloat16) if v.dtype == torch.bfloat16 else v.numpy()
-    return out
+    return out, meta
 
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -98,7 +171,7 @@ def load_file(path: Path) -> dict[str, np.ndarray]:
         return out
     if not path.is_file():
         raise WeightsError(f"{path}: no such file")
-    return _load_safetensors(path) if path.suffix == ".safetensors" else _load_pickle(path)
+    return _load_safetensors(path) if path.suffix == ".safetensors" else read_pickle(path)[0]
 
 
 def save_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None) -> None:
