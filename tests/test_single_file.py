@@ -6,7 +6,6 @@ import types
 
 import numpy as np
 import pytest
-import safetensors.numpy
 
 from pbe_jax.convert import single_file as sf
 from pbe_jax.convert.weights import WeightsError, save_safetensors
