@@ -19,10 +19,10 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from pbe_jax import batch, images, storage
 from pbe_jax.convert import load_component
+from pbe_jax.eval.features import Extractor
 
 BATCH_SIZE = 8  # images per autoencoder call (and per batch.run chunk); one compiled shape per image size
 
@@ -52,35 +52,22 @@ def autoencoder_roundtrip(model, batch_size: int = BATCH_SIZE) -> Through:
         raise FileNotFoundError(f"{model}: no such model folder")
     vae = load_component(folder, "vae")
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    graphdef, state = nnx.split(vae)
 
-    def one(image):  # (H, W, 3) uint8, as a batch of one
-        vae = nnx.merge(graphdef, state)
+    def one(vae, image):  # (H, W, 3) uint8, as a batch of one
         out = vae.decode(vae.encode(image[None].astype(jnp.float32) / 127.5 - 1.0).mean).astype(jnp.float32)
         return jnp.round(jnp.clip(out[0] / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
 
     # One call per batch, but the images one after another inside it: XLA's arithmetic can differ in the last
     # bit between batch shapes (on CPU it moves ~1 pixel in 20 000 by one level), and a baseline's pixels should
     # not depend on how many images went through with it. On CPU a batched autoencoder is only ~15 % faster.
-    roundtrip = jax.jit(lambda x: jax.lax.map(one, x))
+    roundtrip = Extractor(vae, batch_size=batch_size, apply=lambda vae, x: jax.lax.map(lambda im: one(vae, im), x))
 
     def apply(batch_images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        by_size: dict[tuple, list[int]] = {}
-        for i, image in enumerate(batch_images):
+        for image in batch_images:
             h, w = image.shape[:2]
             if h % factor or w % factor:
                 raise ValueError(f"{folder}: the autoencoder needs sides divisible by {factor}, got {w}×{h}")
-            by_size.setdefault(image.shape, []).append(i)
-        out: list[np.ndarray | None] = [None] * len(batch_images)
-        for indices in by_size.values():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start:start + batch_size]
-                rows = [batch_images[i] for i in chunk]
-                rows += [rows[-1]] * (batch_size - len(rows))
-                results = np.asarray(roundtrip(np.stack(rows)))
-                for i, result in zip(chunk, results):
-                    out[i] = result
-        return out
+        return roundtrip.rows(batch_images)
 
     return apply
 

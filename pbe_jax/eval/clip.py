@@ -7,15 +7,11 @@ projection (transformers' `CLIPModel.get_image_features`, e.g. openai/clip-vit-b
 pooled output lives in another space than the projected features CLIP scores are measured in.
 
 `dtype` runs the model in float16 or bfloat16 (parameters cast and computation in that dtype, as the original
-evaluation runs openai CLIP with `.half()`); `image_features` returns float32 whatever the compute dtype.
+evaluation runs openai CLIP with `.half()`). `features.Extractor` runs it over many images, in float32 out.
 """
 from __future__ import annotations
 
-from typing import Callable
-
-import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from pbe_jax import storage
 from pbe_jax.convert import mapping
@@ -79,17 +75,4 @@ def load_image_features(folder: PathLike, *, dtype: str = "float32",
     return model, (read_json(fe) if fe.is_file() else None)
 
 
-def image_features(model: CLIPVisionModelWithProjection, pixels: jax.Array) -> jax.Array:
-    """`image_embeds` (B, projection_dim) in float32 of CLIP-normalised pixels (B, H, W, 3); unnormalised.
-    Traceable: call it inside `nnx.jit`, or use `features_fn` for a pure function of (state, pixels)."""
-    return model(pixels).astype(jnp.float32)
-
-
-def features_fn(model: CLIPVisionModelWithProjection) -> tuple[Callable[[nnx.State, jax.Array], jax.Array], nnx.State]:
-    """(fn, state): `fn(state, pixels)` is `image_features` as a pure function, ready for `jax.jit` (with
-    shardings on state and pixels as the caller likes); `state` the model's parameters."""
-    graphdef, state = nnx.split(model)
-    return (lambda state, pixels: image_features(nnx.merge(graphdef, state), pixels)), state
-
-
-__all__ = ["DTYPES", "features_fn", "image_features", "load_image_features"]
+__all__ = ["DTYPES", "load_image_features"]

@@ -1,5 +1,6 @@
-"""Feature networks (CLIP, Inception) run over many host images: fixed-size batches, jitted once per input
-shape, each batch split over all local devices (a 1-D mesh over the batch axis, the weights replicated)."""
+"""Networks run over many host images: fixed-size batches, jitted once per input shape, each batch split over
+all local devices (a 1-D mesh over the batch axis, the weights replicated). What the evaluation uses for CLIP
+and Inception features and for passing images through an autoencoder."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -11,21 +12,27 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
+def _float32_output(module: nnx.Module, x: jax.Array) -> jax.Array:
+    return module(x).astype(jnp.float32)
+
+
 class Extractor:
-    """`Extractor(module)(arrays)`: `module(x)` over a list of (H, W, C) float arrays (or one (N, H, W, C)
-    array) → (N, D) float32 numpy, in input order. Arrays of different shapes are run in groups (one compiled
-    program per shape). `batch_size` is rounded up to a multiple of the local device count; a short last
-    batch is padded with zeros, which never changes the other rows (every network here is per-sample)."""
+    """`Extractor(module)(arrays)`: `apply(module, x)` (default `module(x)` in float32) over a list of (H, W, C)
+    arrays (or one (N, H, W, C) array) → the stacked per-row outputs as numpy, in input order (`rows` for
+    outputs of several shapes, as a list). Arrays of
+    different shapes are run in groups (one compiled program per shape). `batch_size` is rounded up to a
+    multiple of the local device count; a short last batch is padded with zeros, which must not change the
+    other rows (true of every per-sample network)."""
 
     def __init__(self, module: nnx.Module, *, batch_size: int = 32,
-                 apply: Callable[[nnx.Module, jax.Array], jax.Array] = lambda m, x: m(x)):
+                 apply: Callable[[nnx.Module, jax.Array], jax.Array] = _float32_output):
         devices = jax.local_devices()
         self.batch_size = -(-max(1, batch_size) // len(devices)) * len(devices)
         mesh = Mesh(np.array(devices), ("data",))
         self._rows = NamedSharding(mesh, PartitionSpec("data"))
         graphdef, state = nnx.split(module)
         self._state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
-        self._fn = jax.jit(lambda s, x: apply(nnx.merge(graphdef, s), x).astype(jnp.float32))
+        self._fn = jax.jit(lambda s, x: apply(nnx.merge(graphdef, s), x))
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         out = []
@@ -36,15 +43,20 @@ class Extractor:
             out.append(np.asarray(y)[:len(chunk)])
         return np.concatenate(out)
 
-    def __call__(self, arrays: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    def rows(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The output of each input array, in input order (outputs may differ in shape, as inputs may)."""
         if len(arrays) == 0:
-            raise ValueError("no images to compute features of")
-        if isinstance(arrays, np.ndarray):
-            return self._run(arrays.astype(np.float32, copy=False))
-        shapes = [np.shape(a) for a in arrays]
+            raise ValueError("no images to run the network on")
+        shapes = [(np.shape(a), np.asarray(a).dtype) for a in arrays]
         out: list[np.ndarray | None] = [None] * len(arrays)
-        for shape in dict.fromkeys(shapes):
-            where = [i for i, s in enumerate(shapes) if s == shape]
-            for i, row in zip(where, self._run(np.stack([np.asarray(arrays[i], np.float32) for i in where]))):
+        for key in dict.fromkeys(shapes):
+            where = [i for i, s in enumerate(shapes) if s == key]
+            for i, row in zip(where, self._run(np.stack([np.asarray(arrays[i]) for i in where]))):
                 out[i] = row
-        return np.stack(out)
+        return out
+
+    def __call__(self, arrays: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+        """The outputs stacked: (N, ...) for outputs of one shape (features)."""
+        if isinstance(arrays, np.ndarray) and len(arrays):
+            return self._run(arrays)
+        return np.stack(self.rows(arrays))

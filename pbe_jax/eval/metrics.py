@@ -13,11 +13,11 @@ import io
 import os
 from typing import Callable, Sequence
 
-import jax
+import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from pbe_jax import images, storage
+from pbe_jax.eval.features import Extractor
 from pbe_jax.storage import Path, PathLike
 
 EmbedFn = Callable[[Sequence[np.ndarray]], np.ndarray]  # uint8 images of any sizes → (N, D) vectors
@@ -144,7 +144,8 @@ def clip_embedder(source, *, batch_size: int = 16) -> EmbedFn:
     `tower(pixels)[1]`, the vector Paint by Example's bottleneck reads) of images preprocessed as the
     folder's feature extractor says (CLIP's resize and centre crop at the tower's size otherwise).
     `source`: a folder (`_clip_folder`), a `PaintByExampleModels`, a `PaintByExampleImageEncoder` or a
-    `CLIPVisionModel`. The tower is jitted once; batches are padded to `batch_size` so it compiles once."""
+    `CLIPVisionModel`. The tower runs through `features.Extractor`: compiled once, `batch_size` rows a call
+    split over the local devices."""
     from pbe_jax.convert import PaintByExampleModels
     from pbe_jax.models import CLIPVisionModel, PaintByExampleImageEncoder
 
@@ -162,17 +163,10 @@ def clip_embedder(source, *, batch_size: int = 16) -> EmbedFn:
     else:
         raise TypeError(f"clip_embedder takes a folder or a pbe_jax CLIP tower, not {type(source).__name__}")
     processor = images.ReferenceProcessor.from_config(fe, tower.config.image_size)
-    graphdef, state = nnx.split(tower)
-    pooled = jax.jit(lambda state, pixels: nnx.merge(graphdef, state)(pixels)[1])
+    pooled = Extractor(tower, batch_size=batch_size, apply=lambda tower, x: tower(x)[1].astype(jnp.float32))
 
     def embed(batch: Sequence[np.ndarray]) -> np.ndarray:
-        x = np.stack([processor(images.to_rgb(im, f"image {i}")) for i, im in enumerate(batch)])
-        out = []
-        for i in range(0, len(x), batch_size):
-            chunk = x[i:i + batch_size]
-            padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-            out.append(np.asarray(pooled(state, padded), np.float32)[:len(chunk)])
-        return np.concatenate(out)
+        return pooled(np.stack([processor(images.to_rgb(im, f"image {i}")) for i, im in enumerate(batch)]))
 
     return embed
 
