@@ -58,8 +58,8 @@ def _strip_id(stem: str) -> str:
     return stem
 
 
-def read_layout(folder: Path) -> list[Job]:
-    """A COCOEE-layout folder: source, mask and reference subfolders whose files share an id."""
+def layout_files(folder: Path) -> dict[str, dict[str, Path]]:
+    """The images of a COCOEE-layout folder by role ("source", "mask", "reference") and id."""
     folder = storage.path(folder)
     subdirs = {}
     for role, prefixes in LAYOUT.items():
@@ -67,8 +67,14 @@ def read_layout(folder: Path) -> list[Job]:
         if not found:
             raise FileNotFoundError(f"{folder}: no {role} folder (expected one named {' or '.join(prefixes)}…)")
         subdirs[role] = found[0]
-    files = {role: {_strip_id(p.stem): p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-             for role, d in subdirs.items()}
+    return {role: {_strip_id(p.stem): p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+            for role, d in subdirs.items()}
+
+
+def read_layout(folder: Path) -> list[Job]:
+    """A COCOEE-layout folder: source, mask and reference subfolders whose files share an id."""
+    folder = storage.path(folder)
+    files = layout_files(folder)
     ids = sorted(files["source"])
     missing = [i for i in ids if i not in files["mask"] or i not in files["reference"]]
     if missing:

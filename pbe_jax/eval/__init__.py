@@ -22,7 +22,7 @@ import numpy as np
 from pbe_jax import batch, images, storage
 from pbe_jax.data import benchmark, synthetic
 from pbe_jax.eval import attributes
-from pbe_jax.eval.metrics import EmbedFn, cosine, crop, feature_stats, frechet_distance, in_batches, psnr, ssim
+from pbe_jax.eval.metrics import EmbedFn, cosine, crop, feature_stats, frechet_distance, in_batches, preservation
 from pbe_jax.storage import Path, PathLike
 
 LABELS_FILE = "labels.jsonl"
@@ -97,14 +97,6 @@ def _load(job: batch.Job, results_dir: Path, labels: dict) -> Item:
                 images.resize_rgb(result, source.shape[:2]), list(box), label.get("attributes"), resized)
 
 
-def _preservation(fn, item: Item) -> float | None:
-    """PSNR or SSIM outside the mask; None when the mask leaves nothing to compare."""
-    try:
-        return fn(item.result, item.source, item.edit)
-    except ValueError:
-        return None
-
-
 def _mean(values: list) -> dict | None:
     values = [v for v in values if v is not None]
     return {"mean": float(np.mean(values)), "n": len(values)} if values else None
@@ -175,7 +167,7 @@ def evaluate(results_dir: PathLike, benchmark_dir: PathLike, *, embed_fn: EmbedF
         for i, it in enumerate(items):
             resized += it.resized
             rows.append({"id": it.id, "box": it.box, "clip": None if clip is None else float(clip[i]),
-                         "psnr": _preservation(psnr, it), "ssim": _preservation(ssim, it),
+                         **preservation(it.result, it.source, it.edit),
                          "predicted": predicted.get(i), "label": it.attributes})
 
     skipped, scored = {}, [r for r in rows if r["predicted"] is not None]

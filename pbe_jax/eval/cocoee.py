@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from pbe_jax import images
+from pbe_jax.models.inception import bilinear_source_index
 
 CLIP_SIZE = 224
 
@@ -46,26 +47,19 @@ def crop_region(result: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.asarray(result)[y0:y1, x0:x1]
 
 
-def _source_index(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Neighbours and weights of bilinear sampling with half-pixel centres, negative coordinates clamped to 0
-    (align_corners=False)."""
-    src = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5, 0.0)
-    lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    hi = np.minimum(lo + 1, in_size - 1)
-    return lo, hi, src - lo
-
-
 def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W, C) float → (size[0], size[1], C), bilinear without antialiasing, as PyTorch's interpolate, in
-    float64 (PyTorch's float32 kernel rounds its sample positions: up to ~2e-5 on [0, 1] images at 224²) and
-    returned as float32."""
-    image = np.asarray(image, np.float64)
+    """(H, W, C) float → (size[0], size[1], C) float32, bilinear without antialiasing, as PyTorch's float32
+    `interpolate` computes it (its sample positions and weights in float32: `inception.bilinear_source_index`;
+    the width interpolated first, then the height), on the host: regions come in every size, and a jitted
+    resize would compile for each."""
+    image = np.asarray(image, np.float32)
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"cannot resize an empty region {image.shape[:2]}")
-    y0, y1, wy = _source_index(size[0], image.shape[0])
-    x0, x1, wx = _source_index(size[1], image.shape[1])
-    rows = image[y0] * (1 - wy)[:, None, None] + image[y1] * wy[:, None, None]
-    return (rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]).astype(np.float32)
+    y0, y1, wy = bilinear_source_index(size[0], image.shape[0])
+    x0, x1, wx = bilinear_source_index(size[1], image.shape[1])
+    wx, wy = wx[None, :, None], wy[:, None, None]
+    cols = image[:, x0] * (1 - wx) + image[:, x1] * wx
+    return (cols[y0] * (1 - wy) + cols[y1] * wy).astype(np.float32)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:

@@ -50,13 +50,7 @@ def read_benchmark(folder: PathLike) -> list[Entry]:
     folder = storage.path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such benchmark folder")
-    files = {}
-    for role, prefixes in batch.LAYOUT.items():
-        found = [d for d in sorted(folder.iterdir()) if d.is_dir() and d.name.startswith(prefixes)]
-        if not found:
-            raise FileNotFoundError(f"{folder}: no {role} folder (expected one named {' or '.join(prefixes)}…)")
-        files[role] = {batch._strip_id(p.stem): p for p in found[0].iterdir()
-                       if p.suffix.lower() in batch.IMAGE_SUFFIXES}
+    files = batch.layout_files(folder)
     id_list = folder / "id_list.npy"
     if id_list.is_file():
         try:
@@ -104,13 +98,6 @@ def load_item(entry: Entry, result_path: Path) -> Loaded:
     return Loaded(entry.id, result, mask, images.to_rgb(entry.reference, str(entry.reference)), gt, resized)
 
 
-def _unmasked(fn, item: Loaded) -> float | None:
-    try:
-        return fn(item.result, item.gt, item.mask)
-    except ValueError:  # the mask leaves nothing to compare
-        return None
-
-
 def _progress(total: int, desc: str, enabled: bool | None):
     """A tqdm bar on stderr: always (True), never (False), or where stderr is a terminal (None)."""
     from tqdm import tqdm
@@ -133,8 +120,8 @@ def evaluate(results_dir: PathLike, benchmark_dir: PathLike, *, clip: Extractor,
     fid_stats = fid_stats or {}
     entries = read_benchmark(benchmark_dir)
     finished = storage.names(results_dir)
-    present = [e for e in entries if f"{e.id}.png" in finished]
-    missing = [e.id for e in entries if f"{e.id}.png" not in finished]
+    present = [e for e in entries if batch.output_path(results_dir, e).name in finished]
+    missing = [e.id for e in entries if batch.output_path(results_dir, e).name not in finished]
     rows, failed, features, resized = [], [], {"clip": [], "inception": []}, 0
     bar = _progress(len(present), results_dir.name, progress)
     try:
@@ -142,7 +129,7 @@ def evaluate(results_dir: PathLike, benchmark_dir: PathLike, *, clip: Extractor,
             items = []
             for entry in chunk:
                 try:
-                    items.append(load_item(entry, results_dir / f"{entry.id}.png"))
+                    items.append(load_item(entry, batch.output_path(results_dir, entry)))
                 except images.ImageError as e:
                     failed.append({"id": entry.id, "error": str(e)})
             bar.update(len(chunk))
@@ -158,8 +145,8 @@ def evaluate(results_dir: PathLike, benchmark_dir: PathLike, *, clip: Extractor,
             if inception is not None:
                 features["inception"].append(inception([it.result.astype(np.float32) / 255 for it in items]))
             for it, score in zip(items, metrics.cosine(region, ref) * 100):
-                rows.append({"id": it.id, "clip_score": float(score), "psnr": _unmasked(metrics.psnr, it),
-                             "ssim": _unmasked(metrics.ssim, it)})
+                rows.append({"id": it.id, "clip_score": float(score),
+                             **metrics.preservation(it.result, it.gt, it.mask)})
     finally:
         bar.close()
     if not rows:

@@ -99,6 +99,18 @@ def ssim(a, b, mask=None) -> float:
     return float(s.mean())
 
 
+def preservation(result, source, mask) -> dict[str, float | None]:
+    """{"psnr", "ssim"} of `result` against `source` outside `mask` (white = edited); None where the mask
+    leaves nothing to compare."""
+    out = {}
+    for name, fn in (("psnr", psnr), ("ssim", ssim)):
+        try:
+            out[name] = fn(result, source, mask)
+        except ValueError:
+            out[name] = None
+    return out
+
+
 def crop(image: np.ndarray, box) -> np.ndarray:
     """The pixels of `box` (x0, y0, x1, y1, pixel edges, floats allowed: grown to whole pixels), clipped to
     the image; at least one pixel."""

@@ -206,10 +206,11 @@ class FIDInceptionE(nnx.Module):
         ], axis=-1)
 
 
-def _source_index(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def bilinear_source_index(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Neighbours and weights of bilinear sampling with half-pixel centres (align_corners=False), negative
-    positions clamped to 0, computed in float32 in the order PyTorch's CPU/CUDA kernels compute them (its
-    positions are rounded to float32; doing this in float64 would differ by up to ~1e-5 of the pixel range)."""
+    positions clamped to 0, computed in float32 as PyTorch's float32 kernel computes them (rounded positions).
+    Not bit-identical to that kernel on every shape (up to ~1e-5 of the pixel range measured), but never
+    farther from it than PyTorch's own float64 kernel is (up to ~8e-5 in float64)."""
     scale = np.float32(in_size) / np.float32(out_size)
     src = scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
     src = np.maximum(src, np.float32(0))
@@ -226,8 +227,8 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     h, w = x.shape[1:3]
     if (h, w) == tuple(size):
         return x
-    y0, y1, wy = _source_index(size[0], h)
-    x0, x1, wx = _source_index(size[1], w)
+    y0, y1, wy = bilinear_source_index(size[0], h)
+    x0, x1, wx = bilinear_source_index(size[1], w)
     wx = jnp.asarray(wx, x.dtype)[None, None, :, None]
     wy = jnp.asarray(wy, x.dtype)[None, :, None, None]
     cols = x[:, :, x0] * (1 - wx) + x[:, :, x1] * wx
