@@ -210,37 +210,18 @@ def emit_json(args, reports: dict) -> bool:
 
 
 def cocoee_stats(args, clip, clip_size, inception) -> dict | None:
-    """The real set's statistics: read from --fid-stats, computing (and caching there) those it lacks from
-    --fid-reference."""
-    from pbe_jax import storage
+    """The real set's statistics (--fid-stats, --fid-reference): see cocoee_protocol.cached_reference_stats."""
     from pbe_jax.eval import cocoee_protocol as protocol
 
     if not args.fid_reference and not args.fid_stats:
         return None
-    path = storage.path(args.fid_stats) if args.fid_stats else protocol.default_stats_path(
-        args.fid_reference, args.model, args.clip_dtype)
-    stats, meta = protocol.load_stats(path) if path.is_file() else ({}, {})
-    wanted = {"clip": lambda x: clip(protocol.clip_input(clip_size)(x))}
+    path = args.fid_stats or protocol.default_stats_path(args.fid_reference, args.model, args.clip_dtype)
+    extractors = {"clip": (lambda x: clip(protocol.clip_input(clip_size)(x)),
+                           {"model": str(args.model), "dtype": args.clip_dtype})}
     if inception is not None:
-        wanted["inception"] = lambda x: inception(protocol.unit_range(x))
-    todo = {k: fn for k, fn in wanted.items() if k not in stats}
-    if todo and not args.fid_reference:
-        print(f"warning: {path} has no {' or '.join(todo)} statistics and no --fid-reference was given: "
-              f"no fid_{' or fid_'.join(todo)}", file=sys.stderr)
-    elif todo:
-        print(f"computing {', '.join(todo)} statistics of {args.fid_reference} (cached in {path})", file=sys.stderr)
-        new, info = protocol.reference_stats(args.fid_reference, todo, batch_size=args.batch_size,
-                                             progress=args.progress or None)
-        for f in info["failed"][:10]:
-            print(f"  skipped {f['file']}: {f['error']}", file=sys.stderr)
-        meta.update({k: {"reference": str(args.fid_reference), "n": info["n"], "skipped": len(info["failed"]),
-                         "model": str(args.model if k == "clip" else args.inception_weights),
-                         **({"dtype": args.clip_dtype} if k == "clip" else {})} for k in todo})
-        stats.update(new)
-        protocol.save_stats(path, stats, meta)
-    elif args.fid_reference:
-        print(f"using the cached statistics of {args.fid_reference} in {path}", file=sys.stderr)
-    return stats
+        extractors["inception"] = (lambda x: inception(protocol.unit_range(x)), {"model": str(args.inception_weights)})
+    return protocol.cached_reference_stats(path, args.fid_reference, extractors, batch_size=args.batch_size,
+                                           progress=args.progress or None)
 
 
 def cocoee_main(args) -> int:

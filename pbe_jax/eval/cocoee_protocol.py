@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 from typing import Callable, Iterable
 
 import numpy as np
@@ -252,6 +253,34 @@ def load_stats(path: PathLike) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]]
     if not stats:
         raise ValueError(f"{path}: holds no statistics (expected {', '.join(k + '_mu' for k in KINDS)})")
     return stats, json.loads(str(arrays["meta"])) if "meta" in arrays else {}
+
+
+def cached_reference_stats(path: PathLike, reference: PathLike | None,
+                           extractors: dict[str, tuple[Callable[[list[np.ndarray]], np.ndarray], dict]], *,
+                           batch_size: int = 32, progress: bool | None = False,
+                           log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
+    """The real set's statistics of each kind in `extractors` ({kind: (feature function, what computes it, for
+    the file's meta)}): those the .npz at `path` holds, and those it lacks computed from the images in
+    `reference` (`reference_stats`) and written back into it, so a later run (or one that adds a kind)
+    computes nothing twice. Kinds that can be had neither way are left out (and said so)."""
+    path = storage.path(path)
+    stats, meta = load_stats(path) if path.is_file() else ({}, {})
+    todo = {k: fn for k, (fn, _) in extractors.items() if k not in stats}
+    if todo and reference is None:
+        log(f"warning: {path} has no {' or '.join(todo)} statistics and no real images were given "
+            f"(--fid-reference): no fid_{' or fid_'.join(todo)}")
+    elif todo:
+        log(f"computing {', '.join(todo)} statistics of {reference} (cached in {path})")
+        new, info = reference_stats(reference, todo, batch_size=batch_size, progress=progress)
+        for f in info["failed"][:10]:
+            log(f"  skipped {f['file']}: {f['error']}")
+        meta.update({k: {"reference": str(reference), "n": info["n"], "skipped": len(info["failed"]),
+                         **extractors[k][1]} for k in todo})
+        stats.update(new)
+        save_stats(path, stats, meta)
+    elif reference is not None:
+        log(f"using the cached statistics of {reference} in {path}")
+    return {k: v for k, v in stats.items() if k in extractors}
 
 
 def default_stats_path(reference: PathLike, clip_model: str, clip_dtype: str) -> Path:
