@@ -57,14 +57,20 @@ def from_scratch(unet: UNetConfig, vae: VAEConfig, image_encoder: CLIPVisionConf
     return PaintByExampleModels(**nets, extra_configs=dict(extra_configs or {}))
 
 
+# A transformers CLIP checkpoint's parts: the vision tower's modules (transformers 5 saves a CLIPVisionModel
+# without the vision_model. prefix) and the text side of a full CLIPModel.
+TOWER_PREFIXES = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
+TEXT_PARTS = ("text_model.", "text_projection.", "logit_scale")
+
+
 def vision_key(key: str) -> str | None:
     """A CLIP checkpoint key as the image encoder names it, or None for the parts it does not use (the text
     tower and the projections of a full CLIPModel)."""
     if key.startswith("vision_model."):
         return "model." + key
-    if key.startswith(("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")):  # transformers 5
+    if key.startswith(TOWER_PREFIXES):
         return "model.vision_model." + key
-    if key.startswith(("text_model.", "visual_projection.", "text_projection.", "logit_scale")):
+    if key.startswith(TEXT_PARTS + ("visual_projection.",)):
         return None
     return key  # anything else is reported as unexpected
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from pbe_jax import storage
 from pbe_jax.convert import mapping
 from pbe_jax.convert.diffusers import PARAMS_FILE, read_json
+from pbe_jax.convert.init import TEXT_PARTS, TOWER_PREFIXES
 from pbe_jax.convert.weights import WeightsError, find_weights, load_file
 from pbe_jax.models import CLIPVisionConfig, CLIPVisionModelWithProjection, Policy
 from pbe_jax.storage import PathLike
@@ -24,13 +25,11 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 PROJECTION = "visual_projection.weight"
 # transformers' CLIPConfig / CLIPVisionConfig default when a config.json leaves projection_dim out.
 DEFAULT_PROJECTION_DIM = 512
-_TOWER = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")  # a tower saved without its prefix
-_SKIPPED = ("text_model.", "text_projection.", "logit_scale")
 
 
 def _ignored(key: str) -> bool:
     """The parts of a CLIP checkpoint the image features do not use: the text side and position_ids buffers."""
-    return key.startswith(_SKIPPED) or key.endswith("position_ids")
+    return key.startswith(TEXT_PARTS) or key.endswith("position_ids")
 
 
 def _no_projection(folder, why: str) -> WeightsError:
@@ -39,7 +38,7 @@ def _no_projection(folder, why: str) -> WeightsError:
 
 
 def _state(path, tensors: dict) -> dict:
-    state = {("vision_model." + k if k.startswith(_TOWER) else k): v for k, v in tensors.items()}
+    state = {("vision_model." + k if k.startswith(TOWER_PREFIXES) else k): v for k, v in tensors.items()}
     if PROJECTION not in state:
         pbe = any(k.startswith(("mapper.", "model.vision_model.")) for k in state)
         kind = "a Paint-by-Example image encoder" if pbe else "a tower without projection, e.g. a CLIPVisionModel"
