@@ -168,14 +168,24 @@ def comparison_table(reports: dict[str, dict]) -> str:
     return "\n".join(lines + notes)
 
 
-def per_item_table(report: dict) -> str:
+def per_item_table(report: dict, clip: tuple[str, str] = ("clip", ".4f")) -> str:
+    """One line per item: its CLIP score (`clip`: the row key and its format), PSNR, SSIM, and the attribute
+    classifier's reading where there is one."""
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     lines = [f"{'id':<20}{'clip':>8}{'psnr':>8}{'ssim':>8}  predicted / label"]
     for r in report["per_item"]:
-        attrs = "" if r["predicted"] is None else f"  {r['predicted']} / {r['label']}"
-        lines.append(f"{r['id']:<20}{fmt(r['clip'], '.4f'):>8}{fmt(r['psnr'], '.2f'):>8}{fmt(r['ssim'], '.4f'):>8}"
-                     f"{attrs}")
+        attrs = "" if r.get("predicted") is None else f"  {r['predicted']} / {r['label']}"
+        lines.append(f"{r['id']:<20}{fmt(r[clip[0]], clip[1]):>8}{fmt(r['psnr'], '.2f'):>8}"
+                     f"{fmt(r['ssim'], '.4f'):>8}{attrs}")
     return "\n".join(lines)
+
+
+def by_name(reports: dict[str, dict]) -> dict[str, dict]:
+    """The reports keyed by their folders' own names where those tell them apart, else by the paths given."""
+    from pbe_jax import storage
+
+    names = [storage.path(f).name for f in reports]
+    return dict(zip(names if len(set(names)) == len(names) else reports, reports.values()))
 
 
 def gmm_to_npz_main(argv: list[str]) -> int:
@@ -256,13 +266,9 @@ def cocoee_main(args) -> int:
         return 1
     if emit_json(args, reports):
         return 0
-    names = [storage.path(f).name for f in reports]
-    print(protocol.markdown(dict(zip(names if len(set(names)) == len(names) else reports, reports.values()))))
+    print(protocol.markdown(by_name(reports)))
     for folder, report in reports.items() if args.per_item else ():
-        print(f"\n{folder}\n{'id':<20}{'clip':>8}{'psnr':>8}{'ssim':>8}")
-        for r in report["per_item"]:
-            print(f"{r['id']:<20}{r['clip_score']:>8.2f}" + "".join(
-                f"{'-' if r[k] is None else format(r[k], f):>8}" for k, f in (("psnr", ".2f"), ("ssim", ".4f"))))
+        print(f"\n{folder}\n" + per_item_table(report, ("clip_score", ".2f")))
     return 0
 
 
@@ -301,8 +307,7 @@ def main(argv=None) -> int:
     if emit_json(args, reports):
         return 0
     if len(reports) > 1:
-        names = [storage.path(f).name for f in reports]  # the folders' own names when those tell them apart
-        print(comparison_table(dict(zip(names if len(set(names)) == len(names) else reports, reports.values()))))
+        print(comparison_table(by_name(reports)))
     for folder, report in reports.items():
         if len(reports) == 1 or args.per_item:
             print(("" if len(reports) == 1 else f"\n{folder}\n") + table(report))
