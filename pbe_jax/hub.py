@@ -28,11 +28,11 @@ import re
 from typing import Iterable
 
 from pbe_jax import storage
+from pbe_jax.convert.weights import SINGLE_FILE_SUFFIXES
 
 INDEX_FILES = ("model_index.json",)  # a pipeline (diffusers' and this project's checkpoint alike)
 CONFIG_SUFFIXES = (".json", ".txt")
 WEIGHT_FORMATS = ("safetensors", "bin")  # in order of preference; a folder gets one of them, never both
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 _SHARD = re.compile(r"-\d{5}-of-\d{5}")
 _EMA = re.compile(r"(?:^|[^a-z])ema")
 _NON_EMA = re.compile(r"non[-_.]?ema")
@@ -99,7 +99,7 @@ def _single_file(repo_id: str, root: list[str], variant: str | None) -> str:
     if not candidates:
         listed = ", ".join(sorted(root)[:20]) or "nothing"
         raise HubError(f"{repo_id}: nothing this project can load: no model_index.json (a diffusers pipeline), "
-                       f"no config.json with weights (one component) and no *.safetensors or *.ckpt file at the "
+                       f"no config.json with weights (one component) and no *.safetensors, *.ckpt, *.pt or *.pth file at the "
                        f"root (a single-file checkpoint); the root holds {listed}")
     pick = candidates
     if variant is not None and any(f".{variant}." in n for n in pick):

@@ -20,7 +20,7 @@ from flax import nnx
 
 from pbe_jax import __version__, storage
 from pbe_jax.convert import mapping
-from pbe_jax.convert.weights import WeightsError, find_weights, load_file, save_safetensors
+from pbe_jax.convert.weights import SINGLE_FILE_SUFFIXES, WeightsError, find_weights, load_file, save_safetensors
 from pbe_jax.models import (AutoencoderKL, CLIPVisionConfig, ConfigError, PaintByExampleImageEncoder, Policy,
                             UNet2DConditionModel, UNetConfig, VAEConfig)
 from pbe_jax.storage import Path
@@ -160,10 +160,10 @@ def load(folder: str | Path, *, policy: Policy = Policy(), variant: str | None =
     """A whole Paint-by-Example folder, diffusers format or this project's checkpoint, or a single file in the
     original release's layout (`model.ckpt`, `.safetensors`; `ema`: its EMA weights when it has them)."""
     folder = storage.path(folder)
-    from pbe_jax.convert import ldm_file  # (it builds on this module)
+    if folder.suffix in SINGLE_FILE_SUFFIXES and not folder.is_dir():
+        from pbe_jax.convert.ldm_file import load_single_file  # (it builds on this module)
 
-    if folder.suffix in ldm_file.SUFFIXES and not folder.is_dir():
-        return ldm_file.load_single_file(folder, policy=policy, ema=ema)
+        return load_single_file(folder, policy=policy, ema=ema)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
     index = folder / INDEX_FILE

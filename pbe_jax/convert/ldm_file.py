@@ -18,12 +18,12 @@ import numpy as np
 from pbe_jax import storage
 from pbe_jax.convert import ldm, mapping, single_file
 from pbe_jax.convert.diffusers import PaintByExampleModels, _stored, from_state_dict
-from pbe_jax.convert.weights import WeightsError, save_safetensors
+from pbe_jax.convert.weights import SINGLE_FILE_SUFFIXES, WeightsError, save_safetensors
 from pbe_jax.diffusion.schedule import NoiseSchedule
 from pbe_jax.models import Policy
 from pbe_jax.storage import Path, PathLike
 
-SUFFIXES = single_file.SUFFIXES
+SUFFIXES = SINGLE_FILE_SUFFIXES
 CONFIGS_KEY = "pbe_jax_configs"  # the metadata entry save_ldm writes: {"unet": …, "vae": …, "image_encoder": …}
 
 

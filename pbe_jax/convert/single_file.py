@@ -24,7 +24,6 @@ from pbe_jax.convert.diffusers import encoder_key
 from pbe_jax.convert.weights import WeightsError, load_file, read_pickle
 from pbe_jax.storage import Path
 
-SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")  # what a single file is named
 UNET = "model.diffusion_model."
 CONV_IN = UNET + "input_blocks.0.0.weight"
 EMA = "model_ema."

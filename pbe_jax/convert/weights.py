@@ -23,6 +23,8 @@ class WeightsError(ValueError):
 
 # Where diffusers (first) and transformers (second) put a component's weights.
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
+# A whole model in one file, in the original code base's layout (its model.ckpt, SD v1 files).
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
 
 def _weight_names(variant: str | None) -> list[str]:
