@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pbe_jax.models import splash
-from pbe_jax.models.layers import Policy, linear
+from pbe_jax.models.layers import Policy, linear, target_platform
 
 BACKENDS = ("auto", "xla", "cudnn", "splash")
 
@@ -20,7 +20,8 @@ def resolve_backend(backend: str, q: jax.Array, kv_length: int | None = None) ->
     """The implementation `backend` means for a query like `q` and a key sequence of `kv_length` (default:
     self-attention). "auto" takes cuDNN flash attention on a GPU when the dtype and head size allow it (half
     precision, head_dim a multiple of 8 up to 128), and splash on a TPU for self-attention of at least
-    `splash.MIN_LENGTH` tokens. "splash" keeps shorter or cross-attention on xla, where a kernel would only
+    `splash.MIN_LENGTH` tokens; the platform is the one the program is compiled for (`target_platform`).
+    "splash" keeps shorter or cross-attention on xla, where a kernel would only
     add padding."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
@@ -29,7 +30,7 @@ def resolve_backend(backend: str, q: jax.Array, kv_length: int | None = None) ->
         return "splash" if long_self else "xla"
     if backend != "auto":
         return backend
-    platform = jax.default_backend()
+    platform = target_platform()
     if platform == "tpu" and long_self:
         return "splash"
     head_dim = q.shape[-1]

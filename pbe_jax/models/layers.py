@@ -22,6 +22,16 @@ class Policy:
     attention_backend: str = "auto"
 
 
+def target_platform() -> str:
+    """The platform ("cpu", "gpu", "tpu") of the devices the program being traced is compiled for: those of the
+    ambient mesh (`jax.sharding.use_abstract_mesh`, which the train step and the pipeline set), else this
+    process's default backend. A TPU program compiled from a CPU host (`pbe_jax.aot`) is a TPU program: its
+    kernels and their modes follow the target, never the host."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def linear(i: int, o: int, bias: bool, policy: Policy, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(i, o, use_bias=bias, dtype=policy.dtype, param_dtype=policy.param_dtype, rngs=rngs)
 

@@ -12,8 +12,10 @@ What the kernel needs and how it gets it:
   `jax.sharding.use_abstract_mesh`, as the train step and the pipeline do) it runs in `shard_map` over the
   mesh's batch axes (`data`, `fsdp`), each device on its own examples: a Mosaic kernel cannot be partitioned
   by the compiler.
-Off a TPU it runs in Pallas interpret mode, which checks the arithmetic (the tests do, on the CPU) but is
-neither fast nor proof that the kernel compiles for a TPU.
+For a TPU target it compiles through Mosaic (three `tpu_custom_call`s: forward, dq, dkv), also when the program is
+compiled for a TPU topology from a CPU host (`pbe_jax.aot`): the target is the ambient mesh's platform, not
+this process's backend. For any other target it runs in Pallas interpret mode, which checks the arithmetic (the
+tests do, on the CPU) but is neither fast nor proof that the kernel compiles for a TPU.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from pbe_jax.models.layers import target_platform
 
 MIN_LENGTH = 1024  # self-attention at least this long takes the kernel; shorter is cheap enough on xla
 LANES = 128
@@ -70,8 +74,8 @@ def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool) 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool | None = None) -> jax.Array:
     """softmax(q kᵀ / √d) v for q, k, v (B, L, H, D) with the splash kernel; `interpret` defaults to True
-    off a TPU."""
-    interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+    unless the program is compiled for a TPU (`target_platform`)."""
+    interpret = target_platform() != "tpu" if interpret is None else interpret
     local = functools.partial(_local_attention, interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
     axes = tuple(a for a in BATCH_AXES if not mesh.empty and a in mesh.axis_names)
