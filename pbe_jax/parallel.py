@@ -23,7 +23,9 @@ def data_mesh(devices: list | None = None) -> Mesh:
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mesh:
-    """A (data, fsdp) mesh over all devices of all processes; -1 takes what the other axis leaves."""
+    """A (data, fsdp) mesh over all devices of all processes; -1 takes what the other axis leaves. On TPUs the
+    devices are laid out along the slice's torus (`mesh_utils`), and over several slices (multislice) the
+    `data` axis spans the slices through the data-centre network while `fsdp` stays inside each slice."""
     devices = jax.devices() if devices is None else devices
     n = len(devices)
     if data == -1:
@@ -32,7 +34,22 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mes
         fsdp = n // data
     if data * fsdp != n:
         raise ValueError(f"mesh data={data} × fsdp={fsdp} does not match the {n} devices")
-    return Mesh(np.asarray(devices).reshape(data, fsdp), ("data", "fsdp"))
+    return Mesh(_device_grid((data, fsdp), devices), ("data", "fsdp"))
+
+
+def _device_grid(shape: tuple[int, int], devices: list) -> np.ndarray:
+    if devices[0].platform != "tpu":
+        return np.asarray(devices).reshape(shape)
+    from jax.experimental import mesh_utils
+
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        if shape[0] % slices:
+            raise ValueError(f"mesh data={shape[0]} must be a multiple of the {slices} slices (the data axis spans "
+                             f"them; fsdp={shape[1]} stays inside one)")
+        return mesh_utils.create_hybrid_device_mesh((shape[0] // slices, shape[1]), (slices, 1), devices,
+                                                    allow_split_physical_axes=True)
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
 
 
 def param_spec(shape: tuple[int, ...], mesh: Mesh, min_size: int = 2 ** 16) -> P:
@@ -54,7 +71,7 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
 
 def shard_batch(tree: Any, mesh: Mesh) -> Any:
     """Put host arrays on a `data_mesh` split along their first (batch) axis (one process)."""
-    return jax.device_put(tree, NamedSharding(mesh, P("data")))
+    return put(tree, NamedSharding(mesh, P("data")))
 
 
 def global_batch(local: Any, mesh: Mesh) -> Any:
@@ -88,7 +105,18 @@ def gather(tree: Any, mesh: Mesh) -> Any:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    return put(tree, NamedSharding(mesh, P()))
+
+
+def put(tree: Any, sharding: Any) -> Any:
+    """`jax.device_put(tree, sharding)`, where shape-only leaves (`jax.ShapeDtypeStruct`, e.g. a program
+    compiled ahead of time for devices this process does not have) take the sharding as an annotation."""
+    def one(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(one, tree)
 
 
 def pad_to_multiple(n: int, k: int) -> int:

@@ -22,9 +22,11 @@ from pbe_jax.diffusion import NoiseSchedule, guided, make_tables, sample
 from pbe_jax.models import Policy
 
 
-def default_dtype():
-    """bfloat16 on accelerators, float32 on CPU."""
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+def default_dtype(mesh: jax.sharding.Mesh | None = None):
+    """bfloat16 on accelerators, float32 on CPU: those of `mesh` (the devices the program is compiled for),
+    else this process's."""
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    return jnp.float32 if platform == "cpu" else jnp.bfloat16
 
 
 def resolve_pretrained(path_or_repo: str | os.PathLike, *, variant: str | None = None) -> storage.Path:
@@ -112,7 +114,7 @@ class PaintByExample:
         in the original release's layout (`model.ckpt`, `.safetensors`; `ema`: its EMA weights when it has
         them), or a Hub repository id. `dtype` is the compute dtype (default: bfloat16 on accelerators, float32
         on CPU); parameters are float32. `attention`: "auto", "xla" or "cudnn"."""
-        policy = Policy(dtype=jnp.dtype(dtype or default_dtype()), attention_backend=attention)
+        policy = Policy(dtype=jnp.dtype(dtype or default_dtype(mesh)), attention_backend=attention)
         return cls(load(resolve_pretrained(path_or_repo, variant=variant), policy=policy, variant=variant, ema=ema),
                    mesh=mesh)
 
@@ -175,21 +177,47 @@ class PaintByExample:
             if z.shape != (rows, c, lh, lw):
                 raise ValueError(f"latents must have diffusers' NCHW shape {(rows, c, lh, lw)}, got {z.shape}")
             z = z.transpose(0, 2, 3, 1)
-        tables = make_tables(self.schedule, sampler, steps, eta)
         rep = lambda a: np.repeat(a, n, axis=0)  # noqa: E731
         batch = (rep(x.image), rep(x.keep), rep(x.reference), z, np.asarray(seeds, np.uint32))
         if self.mesh is not None:
             padded = parallel.pad_to_multiple(rows, self.mesh.size)
             batch = parallel.shard_batch(tuple(np.concatenate([a, np.repeat(a[-1:], padded - rows, axis=0)])
                                                for a in batch), self.mesh)
-        out = self._generate(self._state, *batch, tables, jnp.float32(guidance_scale),
-                             condition=_condition(guidance_scale), sample_posterior=sample_posterior,
-                             draw_latents=latents is None)
+        out = self._run(self._generate, batch, make_tables(self.schedule, sampler, steps, eta), guidance_scale,
+                        jnp.float32(guidance_scale), sample_posterior=sample_posterior, draw_latents=latents is None)
         out = np.asarray(out)[:rows]
         if keep_unmasked:
             out = np.stack([images.paste_back(s, o, 1.0 - k[..., 0])
                             for s, o, k in zip(rep(x.source_rgb), out, rep(x.keep))])
         return out
+
+
+    def _run(self, fn, batch, tables, guidance_scale: float, scale, *, sample_posterior: bool, draw_latents: bool):
+        """The jitted generation (`fn`: it, or its `.lower`) on a placed batch (image, keep, reference, latents,
+        seeds), with `scale` the traced value of `guidance_scale`."""
+        return fn(self._state, *batch, tables, scale, condition=_condition(guidance_scale),
+                  sample_posterior=sample_posterior, draw_latents=draw_latents)
+
+    def lower(self, batch_size: int, height: int, width: int, *, steps: int = 50, sampler: str = "plms",
+              guidance_scale: float = 5.0, eta: float = 0.0, sample_posterior: bool = True) -> jax.stages.Lowered:
+        """The program `generate` runs for `batch_size` output images of height × width (latents drawn inside),
+        lowered from shapes alone: the same function, arguments, padding and shardings, for the pipeline's mesh,
+        whose devices need not be this process's (a TPU topology: `pbe_jax.aot`). The pipeline may hold shapes
+        only (`convert.load_abstract`). `.compile()` the result."""
+        f = self.vae_factor
+        c, r = self.models.vae.config.latent_channels, self.models.image_encoder.config.image_size
+        rows = parallel.pad_to_multiple(batch_size, self.mesh.size) if self.mesh is not None else batch_size
+        shapes = ((height, width, 3), (height, width, 1), (r, r, 3), (height // f, width // f, c))
+        batch = tuple(jax.ShapeDtypeStruct((rows, *s), jnp.float32) for s in shapes)
+        batch += (jax.ShapeDtypeStruct((rows,), jnp.uint32),)
+        tables = make_tables(self.schedule, sampler, steps, eta)
+        scale = jax.ShapeDtypeStruct((), jnp.float32)
+        if self.mesh is not None:
+            batch = parallel.shard_batch(batch, self.mesh)
+            tables, scale = parallel.replicate((jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
+                                                             tables), scale), self.mesh)
+        return self._run(self._generate.lower, batch, tables, guidance_scale, scale,
+                         sample_posterior=sample_posterior, draw_latents=True)
 
 
 def _condition(guidance_scale: float) -> str:

@@ -182,6 +182,36 @@ def load(folder: str | Path, *, policy: Policy = Policy(), variant: str | None =
     return PaintByExampleModels(**models, extra_configs=extras)
 
 
+def abstract(configs: dict, *, policy: Policy = Policy(), extra_configs: dict | None = None) -> PaintByExampleModels:
+    """The three networks with shapes only (`jax.ShapeDtypeStruct` leaves, nothing drawn or allocated) for
+    `configs` {"unet": …, "vae": …, "image_encoder": …} (config objects or dicts): enough to lower and compile
+    any program over them, for any devices (`pbe_jax.aot`)."""
+    nets = {}
+    for name, comp in COMPONENTS.items():
+        config = configs[name]
+        config = comp.config.from_dict(config, f"{name} config") if isinstance(config, dict) else config
+        graphdef, flat = mapping.abstract_model(comp.model, config, policy)
+        nets[name] = nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))
+    return PaintByExampleModels(**nets, extra_configs=dict(extra_configs or {}))
+
+
+def load_abstract(path: str | Path, *, policy: Policy = Policy()) -> PaintByExampleModels:
+    """`load(path)` with shapes only: a folder's configs are read and its weights never; a single file's
+    configs come from its tensors' shapes (so it is read, but no network is built from it)."""
+    path = storage.path(path)
+    if path.suffix in SINGLE_FILE_SUFFIXES and not path.is_dir():
+        from pbe_jax.convert.ldm_file import read_configs
+
+        configs, extras = read_configs(path)
+        return abstract(configs, policy=policy, extra_configs=extras)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder")
+    configs = {name: read_config(path / name, name) for name in COMPONENTS}
+    extras = {name: read_json(path / name / file) for name, file in PASSTHROUGH.items()
+              if (path / name / file).is_file()}
+    return abstract(configs, policy=policy, extra_configs=extras)
+
+
 def save(models: PaintByExampleModels, folder: str | Path, *, format: str, dtype: str | None = None) -> Path:
     """Write a whole pipeline folder; "diffusers" opens with diffusers/transformers `from_pretrained`.
     `dtype`: storage type of the weights, as in `save_component`."""

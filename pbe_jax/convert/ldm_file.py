@@ -99,6 +99,21 @@ def load_single_file(path: PathLike, *, policy: Policy = Policy(), ema: bool = T
     return PaintByExampleModels(**models, extra_configs=extras)
 
 
+def read_configs(path: PathLike, expected: str = "pbe") -> tuple[dict, dict]:
+    """({"unet", "vae", "image_encoder"} config dicts, extra configs) of a Paint-by-Example single file
+    (`expected="pbe"`), or of an SD v1 one ("sd1": UNet and VAE only, the UNet's 4 input channels as stored),
+    as `load_single_file`/`load_sd_v1` derive them, without building a network."""
+    sd, configs, path = _read(path, True, expected)
+    out = {"unet": configs.get("unet") or _named(path, ldm.unet_config_from_ldm, sd),
+           "vae": configs.get("vae") or _named(path, ldm.vae_config_from_ldm, sd)}
+    if expected == "sd1":
+        return out, {"scheduler": default_extras()["scheduler"]}
+    out["image_encoder"] = (configs.get("image_encoder")
+                            or _named(path, single_file.image_encoder_config_from_ldm, sd))
+    size = out["image_encoder"].get("image_size", 224)
+    return out, configs.get("extra_configs") or default_extras(size)
+
+
 def load_sd_v1(path: PathLike, *, policy: Policy = Policy(), ema: bool = True) -> tuple[dict, dict, object, dict]:
     """From an SD v1 single file, what the paper's initialisation takes: (UNet config dict (4 input channels),
     the UNet's state dict in diffusers' names, the VAE module, the scheduler config)."""

@@ -16,7 +16,7 @@ from flax import nnx
 from pbe_jax import convert, parallel, storage
 from pbe_jax.batch import save_png
 from pbe_jax.convert import init as initialise
-from pbe_jax.convert import mapping
+from pbe_jax.convert.diffusers import read_config, read_json
 from pbe_jax.convert.ldm_file import default_extras
 from pbe_jax.diffusion import NoiseSchedule
 from pbe_jax.models import CLIPVisionConfig, Policy, UNet2DConditionModel, UNetConfig, VAEConfig
@@ -33,18 +33,24 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message says which step and which checkpoint is the last good one."""
 
 
+def _init_source(m) -> str:
+    """The folder or single file that model.init=sd|pbe starts from (exactly one of the two must be given)."""
+    folder, file = (m.sd_folder, m.sd_file) if m.init == "sd" else (m.pbe_folder, m.pbe_file)
+    if bool(folder) == bool(file):
+        raise ValueError(f"model.init={m.init} needs one of model.{m.init}_folder and model.{m.init}_file"
+                         + (f", not both ({folder}, {file})" if folder else ""))
+    return folder or file
+
+
 def build_models(cfg: TrainConfig) -> convert.PaintByExampleModels:
     m = cfg.model
     policy = Policy(dtype=jnp.dtype(m.dtype), attention_backend=m.attention)
     if m.init in ("sd", "pbe"):
-        folder, file = (m.sd_folder, m.sd_file) if m.init == "sd" else (m.pbe_folder, m.pbe_file)
-        if bool(folder) == bool(file):
-            raise ValueError(f"model.init={m.init} needs one of model.{m.init}_folder and model.{m.init}_file"
-                             + (f", not both ({folder}, {file})" if folder else ""))
+        source = _init_source(m)
         if m.init == "sd":
-            return initialise.from_stable_diffusion(folder or file, m.clip_folder, policy=policy, seed=cfg.seed,
+            return initialise.from_stable_diffusion(source, m.clip_folder, policy=policy, seed=cfg.seed,
                                                     ema=m.ema)
-        return initialise.from_paint_by_example(folder or file, policy=policy, ema=m.ema)
+        return initialise.from_paint_by_example(source, policy=policy, ema=m.ema)
     if m.init == "components":
         return convert.PaintByExampleModels(
             initialise.random_module(UNet2DConditionModel, UNetConfig.from_dict(m.unet, "model.unet"), policy,
@@ -120,20 +126,50 @@ def build_trainer(cfg: TrainConfig, models: convert.PaintByExampleModels | None 
     return _trainer(cfg, models or build_models(cfg), mesh, abstract=False)
 
 
-def abstract_trainer(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> Trainer:
-    """The Trainer `build_trainer(cfg)` makes for `model.init=scratch`, with shapes only: its state's leaves
-    are `jax.ShapeDtypeStruct`s and no weight is drawn or allocated, so the real step can be lowered and
-    compiled at full size (`trainer.step_fn.lower(trainer.state, batch_spec(cfg))`) on any machine."""
+def abstract_models(cfg: TrainConfig) -> convert.PaintByExampleModels:
+    """The networks `build_models(cfg)` builds, with shapes only (`convert.abstract`): their configs are read
+    from the init's folders (config.json files) or single files (the tensors' shapes), never their weights."""
     m = cfg.model
     policy = Policy(dtype=jnp.dtype(m.dtype), attention_backend=m.attention)
-    nets = {}
-    for name, config in (("unet", UNetConfig.from_dict(m.unet, "model.unet")),
-                         ("vae", VAEConfig.from_dict(m.vae, "model.vae")),
-                         ("image_encoder", CLIPVisionConfig.from_dict(m.image_encoder, "model.image_encoder"))):
-        graphdef, flat = mapping.abstract_model(convert.COMPONENTS[name].model, config, policy)
-        nets[name] = nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))
-    return _trainer(cfg, convert.PaintByExampleModels(**nets, extra_configs=_scratch_extras(cfg)), mesh,
-                    abstract=True)
+    if m.init == "pbe":
+        return convert.load_abstract(_init_source(m), policy=policy)
+    if m.init == "sd":
+        source = storage.path(_init_source(m))
+        if m.sd_file:
+            from pbe_jax.convert.ldm_file import read_configs
+
+            configs, extras = read_configs(source, "sd1")
+        else:
+            configs = {name: read_json(source / name / "config.json") for name in ("unet", "vae")}
+            scheduler = source / "scheduler" / "scheduler_config.json"
+            extras = {"scheduler": read_json(scheduler)} if scheduler.is_file() else {}
+        unet = UNetConfig.from_dict({**configs["unet"], "in_channels": 9}, "unet config")
+        clip = storage.path(m.clip_folder)
+        configs.update(unet=unet, image_encoder=CLIPVisionConfig.from_dict(
+            {**read_json(clip / "config.json"), "projection_dim": unet.cross_attention_dim[0]}, str(clip)))
+        for fe in (clip / "preprocessor_config.json", source / "feature_extractor" / "preprocessor_config.json"):
+            if fe.is_file():
+                extras["feature_extractor"] = read_json(fe)
+                break
+        return convert.abstract(configs, policy=policy, extra_configs=extras)
+    if m.init == "components":
+        configs = {"unet": UNetConfig.from_dict(m.unet, "model.unet"),
+                   "vae": read_config(storage.path(m.vae_folder), "vae"),
+                   "image_encoder": read_config(storage.path(m.image_encoder_folder), "image_encoder")}
+        return convert.abstract(configs, policy=policy, extra_configs=_scratch_extras(cfg))
+    if m.init == "scratch":
+        configs = {"unet": UNetConfig.from_dict(m.unet, "model.unet"), "vae": VAEConfig.from_dict(m.vae, "model.vae"),
+                   "image_encoder": CLIPVisionConfig.from_dict(m.image_encoder, "model.image_encoder")}
+        return convert.abstract(configs, policy=policy, extra_configs=_scratch_extras(cfg))
+    raise ValueError(f"model.init must be 'sd', 'pbe', 'components' or 'scratch', not {m.init!r}")
+
+
+def abstract_trainer(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> Trainer:
+    """The Trainer `build_trainer(cfg)` makes, with shapes only: its state's leaves are `jax.ShapeDtypeStruct`s
+    and no weight is read, drawn or allocated (`abstract_models`), so the real step can be lowered and compiled
+    at full size (`trainer.step_fn.lower(trainer.state, batch_spec(cfg))`) on any machine, for any devices
+    (a TPU topology: `pbe_jax.aot`)."""
+    return _trainer(cfg, abstract_models(cfg), mesh, abstract=True)
 
 
 def _trainer(cfg: TrainConfig, models: convert.PaintByExampleModels, mesh: jax.sharding.Mesh | None, *,
