@@ -9,12 +9,20 @@
     python train.py --workdir runs/tiny --export 2000                    # latest checkpoint, or step 2000
     python train.py --config sd14 --workdir gs://bucket/runs/sd14 distributed=True ...   # every host of a
                                                                          # TPU pod slice runs the same line
+    python train.py --config sd14 --workdir gs://bucket/runs/sd14 ... --compile-only v5p-64   # before the pod
+                                                                         # exists: does that step fit?
 
 Overrides are KEY=VALUE with dotted keys into the config (values are Python literals, else strings):
 data.batch_size=32, optim.lr=2e-5, model.remat=True, mesh_fsdp=8, steps=1000, ... Named configs live
 in configs/; `--show-config` prints the resolved one. The run writes, under --workdir (a local folder or
 gs://bucket/...): checkpoints/ (orbax, last N, resumable), metrics.jsonl, tensorboard/, samples/ (grids every
 sample_every steps) and export/ (a diffusers folder at the end).
+
+--compile-only TOPOLOGY compiles the step this exact command would run for a TPU slice (v5e-8, v5p-64,
+v4-8, v6e-16, v5e:2x4, ...; `--slices N` for a multislice run) on this machine, with libtpu (the [tpu] extra),
+touching no data, weights (only their config.json files) or workdir, and prints the compiler's per-chip memory,
+FLOPs, roofline, Mosaic kernels and collectives (python -m pbe_jax.aot has the same for sampling). Exit status
+0 when it fits in the chip's HBM, 3 when it does not.
 
 SIGTERM (a preemption notice) finishes the current step, checkpoints it (every process agreeing on the step),
 prints the command that resumes and exits with status 0. Exit status 1: bad arguments, config or storage;
@@ -39,6 +47,12 @@ def main(argv=None) -> int:
                         "diffusers folder, built from the config saved with it (to WORKDIR/export, or "
                         "WORKDIR/export_STEP for an earlier step; see --export-to)")
     p.add_argument("--export-to", metavar="DIR", help="with --export: the folder to write instead")
+    p.add_argument("--compile-only", metavar="TOPOLOGY",
+                   help="train nothing: compile this command's step for a TPU slice (v5e-8, v5p-64, v4-8, v6e-8, "
+                        "v5e:2x4, ...) and report whether it fits (exit 0) or not (exit 3); needs the [tpu] extra")
+    p.add_argument("--slices", type=int, default=1, metavar="N",
+                   help="with --compile-only: N such slices joined by the data-centre network (default 1)")
+    p.add_argument("--json", metavar="FILE", help="with --compile-only: also write the report as JSON")
     compile_cache.add_argument(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.batch_size=8")
     args = p.parse_args(argv)
@@ -60,6 +74,10 @@ def main(argv=None) -> int:
     if args.show_config:
         print(json.dumps(config_lib.to_dict(cfg), indent=1))
         return 0
+    if args.compile_only:
+        return compile_only(p, cfg, args)
+    if args.slices != 1 or args.json:
+        p.error("--slices and --json go with --compile-only")
 
     from pbe_jax.train.loop import TrainingDiverged, train
     from pbe_jax.train.preemption import Preempted
@@ -78,6 +96,22 @@ def main(argv=None) -> int:
         return 1
     print(f"done: {json.dumps(metrics)}")
     return 0
+
+
+def compile_only(parser, cfg, args) -> int:
+    from pbe_jax import aot
+
+    if args.resume:
+        parser.error("--compile-only trains nothing: no --resume")
+    try:
+        aot.parse_topology(args.compile_only)
+    except aot.TopologyError as e:
+        parser.error(str(e))
+    try:
+        return aot.check_train(cfg, args.compile_only, args.slices, args.json)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def export(workdir: str, step: str, out: str | None) -> int:
