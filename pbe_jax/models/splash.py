@@ -53,6 +53,29 @@ def _kernel(heads: int, length: int, block: int, interpret: bool):
         return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
+def _default_precision(fn):
+    """`fn` (and its gradient) traced at the default matmul precision. Half-precision operands are exact in
+    the MXU's float32 accumulation whatever precision is asked, and Mosaic rejects a bf16 matmul at fp32
+    contract precision: a global jax_default_matmul_precision=highest (a parity run's setting) must not reach
+    the kernels' bodies, forward or backward (whose kernels are traced when the gradient is taken)."""
+
+    @jax.custom_vjp
+    def run(*args):
+        with jax.default_matmul_precision("default"):
+            return fn(*args)
+
+    def forward(*args):
+        with jax.default_matmul_precision("default"):
+            return jax.vjp(fn, *args)
+
+    def backward(vjp, g):
+        with jax.default_matmul_precision("default"):
+            return vjp(g)
+
+    run.defvjp(forward, backward)
+    return run
+
+
 def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool) -> jax.Array:
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
@@ -68,7 +91,10 @@ def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool) 
     ids = sk.SegmentIds(q=segments, kv=segments)
     kernel = _kernel(heads, padded, block, interpret)
     scaled = (q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)).astype(q.dtype)
-    out = jax.vmap(lambda a, b_, c: kernel(a, b_, c, segment_ids=ids))(prepare(scaled), prepare(k), prepare(v))
+    run = jax.vmap(lambda a, b_, c: kernel(a, b_, c, segment_ids=ids))
+    if jnp.dtype(q.dtype).itemsize < 4:
+        run = _default_precision(run)
+    out = run(prepare(scaled), prepare(k), prepare(v))
     return out[:, :, :length, :d].transpose(0, 2, 1, 3).astype(q.dtype)
 
 
