@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from pbe_jax import parallel
 from pbe_jax.data import augment
 from pbe_jax.diffusion import NoiseSchedule
 from pbe_jax.train.state import TrainState
@@ -24,10 +25,17 @@ class StepConfig:
     ema_decay: float = 0.0
     bezier_mask_p: float = 0.5
     reference_augment: bool = True
+    dtype: str = "float32"  # the UNet's compute dtype (model.dtype)
 
     @classmethod
     def from_train_config(cls, cfg) -> "StepConfig":
-        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+        return cls(**{f.name: getattr(cfg.model if f.name == "dtype" else cfg, f.name) for f in dataclasses.fields(cls)})
+
+
+def _unet_matrix(path: str, x) -> bool:
+    """The UNet's kernels (convolutions, linear layers): every one is used by a layer that computes in the
+    model's dtype, so casting it before it is gathered is the cast the layer would make."""
+    return path.startswith("unet.") and x.ndim >= 2
 
 
 def prepare(nets, batch: dict, key: jax.Array, schedule: NoiseSchedule, cfg: StepConfig):
@@ -60,7 +68,8 @@ def prepare(nets, batch: dict, key: jax.Array, schedule: NoiseSchedule, cfg: Ste
 
 
 def loss_fn(params, frozen, graphdef, batch, key, schedule: NoiseSchedule, cfg: StepConfig):
-    nets = nnx.merge(graphdef, params, frozen)
+    params = parallel.gather_params(params, jnp.dtype(cfg.dtype), _unet_matrix)
+    nets = nnx.merge(graphdef, params, parallel.gather_params(frozen))
     x, t, cond, noise = prepare(nets, batch, key, schedule, cfg)
     eps = nets.unet(x, t, cond).astype(jnp.float32)
     return jnp.mean(jnp.square(eps - noise))
