@@ -48,12 +48,14 @@ CHIPS = {
     "v6e": Chip("v6e", 2, 1, 32 * GiB, 918e12, 8),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
-# What `fits` leaves free of the HBM. The compiler's own limit is already below the HBM (it reported 15.75 of
-# 16 GiB on v5e, 30.75 of 32 on v4, 31.25 of 32 on v6e, 95.74 GB of 95 GB... of v5p's, for its runtime); at
-# run time the same HBM also holds the next batch, transferred while the step runs, the programs' code, and
-# whatever the allocator loses to fragmentation between programs, none of which the buffer assignment of one
-# program counts. 5 % of the chip (0.8 GiB on v5e) covers the batch and the code of these programs many times
-# over; fragmentation is what it is for.
+# What `fits` leaves free of the HBM. The compiler has its own limit, what it says is available to a program
+# (measured here, in GiB: 15.75 of v5e's 16, 30.75 of v4's 32, 31.25 of v6e's 32, 95.74 on v5p, whose 95 GB
+# specification `hbm_bytes` keeps), and refuses larger programs (RESOURCE_EXHAUSTED: a report with fits false).
+# At run time the HBM also holds what one program's buffer assignment does not count: the next batch,
+# transferred while the step runs (8 images at 512² in uint8: 6 MB), the code of the other programs loaded
+# (the sampler for the training grids: 0.1–0.4 GiB), and what the allocator loses to fragmentation between
+# them. 5 % of the chip (0.8 GiB on v5e, 1.6 GiB on v4/v6e, 4.8 GB on v5p) covers the first two with room for
+# the third; a program that fits only within the margin is one to try on the chip before counting on it.
 MARGIN = 0.05
 
 
@@ -126,13 +128,22 @@ def have_libtpu() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
+def quiet_libtpu() -> None:
+    """libtpu, loaded on a host that is not a TPU VM, looks for the VM's own chips and workers and logs a page
+    of errors when it finds none; the compiler does not need them. Set before libtpu loads; a TPU VM's own
+    settings are kept. Several processes may load it at once (the tests' workers)."""
+    for key, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_MIN_LOG_LEVEL", "3"), ("TPU_STDERR_LOG_LEVEL", "3"),
+                       ("TPU_ACCELERATOR_TYPE", "v5litepod-1"), ("TPU_WORKER_HOSTNAMES", "localhost")):
+        os.environ.setdefault(key, value)
+
+
 def topology(text: str, slices: int = 1) -> Topology:
     """The devices of the named slice (or of `slices` such slices, joined by the data-centre network), as the
     TPU compiler describes them; needs libtpu, runs on any host."""
     generation, shape = parse_topology(text)
     if slices < 1:
         raise TopologyError(f"--slices {slices}: must be at least 1")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compiles at once (the tests' workers)
+    quiet_libtpu()
     from jax.experimental import topologies
 
     chip = CHIPS[generation]
@@ -190,32 +201,165 @@ def mosaic_kernels(hlo: str) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def kernel_flops(hlo: str) -> float:
-    """FLOPs of the splash-attention kernels, which the compiler's cost analysis does not see into (it counts
-    a few MFLOP for a kernel that does GFLOPs): from each call's output shape (…, heads, length, head dim, the
-    padded sizes the MXU works on), self-attention (as many keys as queries)."""
-    total = 0.0
-    for name, result, op, line in _instructions(hlo):
-        if op != "custom-call" or 'custom_call_target="tpu_custom_call"' not in line:
-            continue
-        kind = next((k for k in _SPLASH_FLOPS if f"splash_mha_{k}" in name), None)
-        if kind is None:
-            continue
-        out = max((s for t, s in _shapes(result) if len(s) >= 3), key=math.prod)
-        length, dim = out[-2], out[-1]
-        total += _SPLASH_FLOPS[kind] * math.prod(out[:-1]) * length * dim
+def _kernel_flops(result: str, name: str) -> float:
+    kind = next((k for k in _SPLASH_FLOPS if f"splash_mha_{k}" in name), None)
+    if kind is None:
+        return 0.0
+    out = max((s for t, s in _shapes(result) if len(s) >= 3), key=math.prod)
+    return float(_SPLASH_FLOPS[kind] * math.prod(out[:-1]) * out[-2] * out[-1])
+
+
+def _taps(n: int, m: int, k: int, stride: int, lo: int, lhs_dilate: int, rhs_dilate: int) -> int:
+    """Σ over the m output positions of one spatial dimension of the window taps that land on one of the n
+    input elements (not on padding, not between dilated elements)."""
+    last = (n - 1) * lhs_dilate
+    total = 0
+    for o in range(m):
+        for j in range(k):
+            p = o * stride - lo + j * rhs_dilate
+            total += 0 <= p <= last and p % lhs_dilate == 0
     return total
 
 
-def collectives(hlo: str) -> dict[str, dict[str, int]]:
-    """{kind: {"count", "bytes"}} of the compiled program's collectives (async ones counted at their start),
-    bytes being the size of what each produces on one chip. Static counts: one inside a loop body counts once."""
-    out = {k: {"count": 0, "bytes": 0} for k in _COLLECTIVES}
-    for _, result, op, _ in _instructions(hlo):
-        kind = op.removesuffix("-start")
-        if kind not in out or op.endswith("-done"):
+def _conv_flops(line: str, result, lhs, rhs) -> float:
+    """2 × the multiply-adds of one convolution: each output element sums the kernel's input features over
+    the window taps that hit the input (padding and dilation holes excluded, as the compiler counts them)."""
+    labels = re.search(r"dim_labels=([\w]+)_([\w]+)->([\w]+)", line)
+    if not labels or lhs is None or rhs is None:
+        return 0.0
+    lhs_l, rhs_l, out_l = labels.groups()
+    window = dict(re.findall(r"(\w+)=([\d_x\-]+)", (re.search(r"window=\{([^}]*)\}", line) or [None, ""])[1]))
+    spatial = sorted(c for c in out_l if c.isdigit())
+
+    def per_dim(key, default):
+        values = window.get(key)
+        return [default] * len(spatial) if values is None else values.split("x")
+
+    size, stride = per_dim("size", "1"), per_dim("stride", "1")
+    pad, ld, rd = per_dim("pad", "0_0"), per_dim("lhs_dilate", "1"), per_dim("rhs_dilate", "1")
+    taps = 1
+    for d, c in enumerate(spatial):
+        taps *= _taps(lhs[lhs_l.index(c)], result[out_l.index(c)], int(size[d]), int(stride[d]),
+                      int(pad[d].split("_")[0]), int(ld[d]), int(rd[d]))
+    return 2.0 * result[out_l.index("b")] * result[out_l.index("f")] * rhs[rhs_l.index("i")] * taps
+
+
+def _computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
+    """{computation name: its instruction lines} and the entry computation's name."""
+    comps: dict[str, list[str]] = {}
+    entry = current = None
+    for line in hlo.splitlines():
+        head = re.match(r"^(ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$", line)
+        if head:
+            current = head.group(2)
+            comps[current] = []
+            entry = current if head.group(1) else entry
+        elif current is None:
             continue
-        shapes = _shapes(result)
+        elif line.rstrip() == "}":
+            current = None
+        elif re.match(r"^\s+(ROOT\s+)?%", line) or not comps[current]:
+            comps[current].append(line)
+        else:  # an attribute printed over several lines (a Mosaic kernel's configuration)
+            comps[current][-1] += " " + line.strip()
+    return comps, entry
+
+
+def _trip_count(condition: list[str]) -> int | None:
+    """The trip count of a counted loop (`i < N` on a counter from 0, as lax.scan and fori_loop compile)."""
+    constants = dict(re.findall(r"%([\w.\-]+) = s32\[\]\S* constant\((\d+)\)", "\n".join(condition)))
+    for line in condition:
+        m = re.search(r"compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT", line)
+        if m and m.group(1) in constants:
+            return int(constants[m.group(1)])
+    return None
+
+
+def program_flops(hlo: str) -> dict[str, float]:
+    """The compiled program's matrix FLOPs (convolutions and dots, which is how a TPU program holds its
+    matmuls) and splash-kernel FLOPs, each counted once per instruction (`static`, as the compiler's cost
+    analysis counts a loop's body) and once per execution (`executed`: a counted loop's body times its trip
+    count). `unknown_loops` counts loops whose trip count could not be read (counted once)."""
+    comps, entry = _computations(hlo)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for lines in comps.values():
+        for line in lines:
+            m = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\w+)\[([\d,]*)\]", line)
+            if m:
+                shapes[m.group(1)] = tuple(int(d) for d in m.group(3).split(",") if d)
+    unknown = set()
+    memo: dict[tuple[str, bool], tuple[float, float]] = {}
+
+    def flops(comp: str, executed: bool) -> tuple[float, float]:
+        if (comp, executed) in memo:
+            return memo[comp, executed]
+        memo[comp, executed] = (0.0, 0.0)  # recursion guard
+        matmul = kernel = 0.0
+        for name, result, op, line in _instructions("\n".join(comps.get(comp, []))):
+            operands = re.findall(r"%([\w.\-]+)", line[line.index(op + "(") + len(op) + 1:].split(")")[0])
+            if op == "convolution" and len(operands) >= 2:
+                matmul += _conv_flops(line, shapes.get(name), shapes.get(operands[0]), shapes.get(operands[1]))
+            elif op == "dot" and operands:
+                dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
+                lhs = shapes.get(operands[0])
+                if dims and lhs is not None and shapes.get(name) is not None:
+                    inner = math.prod(lhs[int(d)] for d in dims.group(1).split(",") if d)
+                    matmul += 2.0 * math.prod(shapes[name]) * inner
+            elif op == "custom-call" and 'custom_call_target="tpu_custom_call"' in line:
+                kernel += _kernel_flops(result, name)
+            elif op == "while":
+                body = re.search(r"body=%([\w.\-]+)", line).group(1)
+                cond = re.search(r"condition=%([\w.\-]+)", line).group(1)
+                trips = _trip_count(comps.get(cond, [])) if executed else 1
+                if trips is None:
+                    unknown.add(name)
+                    trips = 1
+                m, k = flops(body, executed)
+                matmul, kernel = matmul + trips * m, kernel + trips * k
+            else:
+                called = re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", line)
+                branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+                for c in called:
+                    m, k = flops(c, executed)
+                    matmul, kernel = matmul + m, kernel + k
+                if branches:  # a conditional runs one branch: the costliest, for a bound that holds
+                    costs = [flops(c, executed) for c in re.findall(r"%([\w.\-]+)", branches.group(1))]
+                    m, k = max(costs, key=sum)
+                    matmul, kernel = matmul + m, kernel + k
+        memo[comp, executed] = (matmul, kernel)
+        return matmul, kernel
+
+    if entry is None:
+        return {"static_matmul": 0.0, "static_kernels": 0.0, "executed_matmul": 0.0, "executed_kernels": 0.0,
+                "unknown_loops": 0}
+    (sm, sk), (em, ek) = flops(entry, False), flops(entry, True)
+    return {"static_matmul": sm, "static_kernels": sk, "executed_matmul": em, "executed_kernels": ek,
+            "unknown_loops": len(unknown)}
+
+
+def collectives(hlo: str) -> dict[str, dict[str, int]]:
+    """{kind: {"count", "bytes"}} of the compiled program's collectives, bytes being the size of what each
+    produces on one chip. Static counts: one inside a loop body counts once. Each collective counts once, by
+    its channel id: the TPU compiler runs an asynchronous one from a start fusion through
+    `async_collective_fusion`s (carried on beside the compute it overlaps with) to a done fusion, each holding
+    a copy of it. A reduce-scatter is a custom fusion of an all-reduce and the slice each chip keeps
+    (`calls=%all-reduce-scatter…`): it counts as a reduce-scatter, its inner all-reduce not at all."""
+    comps, _ = _computations(hlo)
+    fused = {name for name in comps if name.startswith("all-reduce-scatter")}
+    inner = {line for name in fused for line in comps[name]}
+    out = {k: {"count": 0, "bytes": 0} for k in _COLLECTIVES}
+    seen = set()
+    for n, (_, result, op, line) in enumerate(_instructions(hlo)):
+        called = re.search(r"calls=%([\w.\-]+)", line) if op == "fusion" else None
+        kind = "reduce-scatter" if called and called.group(1) in fused else op.removesuffix("-start")
+        if kind not in out or op.endswith("-done") or line in inner:
+            continue
+        channel = re.search(r"channel_id=(\d+)", line)
+        key = (kind, channel.group(1)) if channel else n
+        if key in seen:
+            continue
+        seen.add(key)
+        shapes = [s for s in _shapes(result) if s[1]]  # less the scalar contexts of an async start
         if op.endswith("-start") and kind in ("all-gather", "collective-permute") and len(shapes) >= 2:
             shapes = shapes[len(shapes) // 2:]  # (operands, results): the results
         out[kind]["count"] += 1
@@ -242,26 +386,35 @@ def dtype_census(hlo: str) -> dict[str, int]:
 
 
 def analyse(compiled, topo: Topology, program: str, per_chip_batch: float, *, compile_s: float,
-            extra: dict | None = None) -> dict:
-    """The report of a compiled program (see the module's docstring)."""
+            extra: dict | None = None, hlo_path: str | None = None) -> dict:
+    """The report of a compiled program (see the module's docstring); its HLO text written to `hlo_path`."""
     m = compiled.memory_analysis()
     outputs = m.output_size_in_bytes - m.alias_size_in_bytes
     per_chip = {"arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes, "outputs": outputs,
                 "generated_code": m.generated_code_size_in_bytes}
     per_chip["total"] = m.argument_size_in_bytes + m.temp_size_in_bytes + outputs + m.generated_code_size_in_bytes
     hlo = compiled.as_text()
+    if hlo_path:
+        from pbe_jax import storage
+
+        storage.write_text(storage.path(hlo_path), hlo)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     counted = float(cost.get("flops", 0.0))
-    kernels = kernel_flops(hlo)
-    flops = counted + kernels
+    # The cost analysis counts a loop's body once (the sampler's whole scan as one step) and sees nothing
+    # inside a Mosaic kernel: add the loops' other iterations and the kernels, from the compiled HLO.
+    counts = program_flops(hlo)
+    loops = counts["executed_matmul"] - counts["static_matmul"]
+    kernels = counts["executed_kernels"]
+    flops = counted + loops + kernels
     roofline = flops / topo.chip.peak_bf16_flops
     rate_key = "samples_per_s_per_chip" if program == "train" else "images_per_s_per_chip"
     report = _base(topo, program)
     report.update({
         "per_chip_bytes": per_chip, "per_chip_batch": per_chip_batch,
         "fits": per_chip["total"] <= topo.chip.hbm_bytes * (1 - MARGIN),
-        "flops_per_chip": flops, "flops_detail": {"cost_analysis": counted, "mosaic_kernels": kernels},
+        "flops_per_chip": flops, "flops_detail": {"cost_analysis": counted, "loop_iterations": loops, "mosaic_kernels": kernels,
+                         "unknown_loops": counts["unknown_loops"]},
         "roofline_s": roofline, rate_key: per_chip_batch / roofline if roofline else None,
         "mosaic_kernels": mosaic_kernels(hlo), "collectives": collectives(hlo), "dtypes": dtype_census(hlo),
         "donated_aliased_bytes": m.alias_size_in_bytes, "compile_s": round(compile_s, 1), **(extra or {})})
@@ -293,7 +446,8 @@ def out_of_memory(error: Exception, topo: Topology, program: str, per_chip_batch
     return report
 
 
-def compile_report(lowered_fn, topo: Topology, program: str, per_chip_batch: float, extra: dict) -> dict:
+def compile_report(lowered_fn, topo: Topology, program: str, per_chip_batch: float, extra: dict,
+                   hlo_path: str | None = None) -> dict:
     """Lower and compile (`lowered_fn()` returns a jax Lowered) and analyse; a program too large for HBM
     is a report with `fits` false, not an error."""
     t0 = time.perf_counter()
@@ -304,7 +458,8 @@ def compile_report(lowered_fn, topo: Topology, program: str, per_chip_batch: flo
         if report is None:
             raise
         return report
-    return analyse(compiled, topo, program, per_chip_batch, compile_s=time.perf_counter() - t0, extra=extra)
+    return analyse(compiled, topo, program, per_chip_batch, compile_s=time.perf_counter() - t0, extra=extra,
+                   hlo_path=hlo_path)
 
 
 # ---- the two programs ----------------------------------------------------------------------------------
@@ -322,7 +477,7 @@ def shape_config(cfg):
     return config_lib.override(cfg, ["model.init=scratch"]), note
 
 
-def train_report(cfg, topo: Topology) -> dict:
+def train_report(cfg, topo: Topology, hlo_path: str | None = None) -> dict:
     """The training step `train.py` builds for `cfg` (shapes only: `abstract_trainer`), on its (data, fsdp)
     mesh over the topology's devices (data across slices), for the batch the loader yields."""
     from pbe_jax import parallel
@@ -341,7 +496,7 @@ def train_report(cfg, topo: Topology) -> dict:
              "attention": m.attention, "state_bytes_per_chip": state_bytes_per_chip(trainer.state),
              **({"note": note} if note else {})}
     return compile_report(lambda: trainer.step_fn.lower(trainer.state, batch_spec(cfg)), topo, "train",
-                          cfg.data.batch_size / n, extra)
+                          cfg.data.batch_size / n, extra, hlo_path)
 
 
 def state_bytes_per_chip(state) -> int:
@@ -356,7 +511,7 @@ def state_bytes_per_chip(state) -> int:
 
 
 def sample_report(models, topo: Topology, *, batch_size: int, sampler: str, steps: int, size: int,
-                  guidance_scale: float = 5.0, settings: dict | None = None) -> dict:
+                  guidance_scale: float = 5.0, settings: dict | None = None, hlo_path: str | None = None) -> dict:
     """The whole generation `sample.py` runs (reference and masked-image encoding, the sampler's scan,
     decoding) for `batch_size` images of size², split as sample.py splits it: over the devices of one host
     (each host of a slice samples its own share of the jobs)."""
@@ -374,7 +529,7 @@ def sample_report(models, topo: Topology, *, batch_size: int, sampler: str, step
              "hosts_in_slice": len({d.process_index for d in topo.devices}), "chips_per_host": len(host)}
     report = compile_report(lambda: pipe.lower(batch_size, size, size, steps=steps, sampler=sampler,
                                                guidance_scale=guidance_scale), per_host, "sample",
-                            parallel.pad_to_multiple(batch_size, len(host)) / len(host), extra)
+                            parallel.pad_to_multiple(batch_size, len(host)) / len(host), extra, hlo_path)
     report["topology"] = topo.name
     return report
 
@@ -458,7 +613,7 @@ def prepare_host() -> None:
     and a CPU host does not try to start a TPU runtime."""
     import jax
 
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    quiet_libtpu()
     jax.config.update("jax_platforms", "cpu")
 
 
@@ -480,6 +635,7 @@ def main(argv=None) -> int:
     common.add_argument("--topology", required=True, help="v5e-8, v5p-8, v4-8, v6e-8, …, or v5e:2x4, v5p:2x2x2")
     common.add_argument("--slices", type=int, default=1, help="slices joined by the data-centre network (default 1)")
     common.add_argument("--json", metavar="FILE", help="also write the report as JSON (local or gs://)")
+    common.add_argument("--hlo", metavar="FILE", help="also write the compiled program's HLO text, to read")
     t = sub.add_parser("train", parents=[common], help="the training step train.py builds",
                        description="The training step of a config, as train.py builds it, shapes only.")
     t.add_argument("--config", default="tiny", help="a name in configs/ or a config file (default tiny)")
@@ -515,12 +671,12 @@ def main(argv=None) -> int:
             from pbe_jax.train import config as config_lib
 
             cfg = config_lib.override(config_lib.load(args.config), args.overrides)
-            report = train_report(cfg, topo)
+            report = train_report(cfg, topo, args.hlo)
         else:
             models = sample_models(args.pretrained, args.config, args.dtype, args.attention)
             report = sample_report(models, topo, batch_size=args.batch_size, sampler=args.sampler, steps=args.steps,
                                    size=args.size or models.vae.config.sample_size, guidance_scale=args.scale,
-                                   settings={"dtype": args.dtype, "attention": args.attention})
+                                   settings={"dtype": args.dtype, "attention": args.attention}, hlo_path=args.hlo)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
