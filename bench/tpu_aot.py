@@ -1,0 +1,182 @@
+"""Full SD-1.4-size programs compiled for Cloud TPU slices on this host (`python -m pbe_jax.aot`, libtpu):
+the training step at 512² and the sampler, per chip generation, one JSON per case under
+bench/results/tpu-aot/. A full-size compile takes 10–20 minutes and up to 19 GB of host memory on a 2-core
+machine, so the cases run one after another and the runner resumes: a case whose JSON exists is skipped.
+
+    python bench/tpu_aot.py run [CASE ...]       # all cases (or the named ones) not yet measured
+    python bench/tpu_aot.py list                 # the cases and which are done
+    python bench/tpu_aot.py table                # the README's "Before you rent a pod" table, from the JSONs
+    python bench/tpu_aot.py recount              # collectives, kernels, dtypes again from the kept HLO
+
+Each compiled program's HLO text is kept beside the JSONs, gzipped, in hlo/ (not committed: tens of MB), so
+that what is read from it can be read again without compiling.
+
+The numbers are the TPU compiler's for that topology (buffer assignment per chip, FLOP count), not a run on a
+TPU; the roofline is FLOPs ÷ peak bf16 rate, a lower bound on the time of a step.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results" / "tpu-aot"
+HLO = OUT / "hlo"
+
+# The settings recommended per chip (README): no remat (recomputation costs a third more FLOPs, and the
+# compiler's time for a remat step at full size is prohibitive), bf16 frozen towers (they are only run
+# forward), fsdp over the slice's chips where the float32 state and AdamW's moments (10.3 GB) would crowd
+# the chip (v5e's 16 GiB), data parallelism where they do not.
+TRAIN = {
+    "v5e-8": ["mesh_fsdp=8"],
+    "v5p-8": ["mesh_fsdp=1"],
+    "v6e-8": ["mesh_fsdp=8"],
+    "v4-8": ["mesh_fsdp=4"],
+}
+CHIPS = {"v5e-8": 8, "v5p-8": 4, "v6e-8": 8, "v4-8": 4}
+
+
+def cases() -> dict[str, list[str]]:
+    out = {}
+    for topo, settings in TRAIN.items():
+        for per_chip in (1, 2, 4, 8, 16, 32, 64):
+            batch = per_chip * CHIPS[topo]
+            out[f"train-{topo}-b{per_chip}"] = ["train", "--topology", topo, "--config", "sd14",
+                                                f"data.batch_size={batch}", "model.remat=False",
+                                                "model.frozen_dtype=bfloat16", *settings]
+    for topo in TRAIN:
+        for per_chip in (4, 16, 64):
+            for sampler, steps in (("plms", 50), ("dpmpp_2m", 20)):
+                out[f"sample-{topo}-b{per_chip}-{sampler}{steps}"] = [
+                    "sample", "--topology", topo, "--config", "sd14", "--batch-size", str(per_chip * CHIPS[topo]),
+                    "--sampler", sampler, "--steps", str(steps)]
+    return out
+
+
+def run(names: list[str]) -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    todo = cases()
+    unknown = [n for n in names if n not in todo]
+    if unknown:
+        print(f"error: unknown case(s) {', '.join(unknown)}; `python bench/tpu_aot.py list` names them",
+              file=sys.stderr)
+        return 2
+    for name in names or list(todo):
+        path = OUT / f"{name}.json"
+        if path.exists():
+            continue
+        t0 = time.perf_counter()
+        HLO.mkdir(exist_ok=True)
+        hlo = HLO / f"{name}.hlo"
+        with tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "pbe_jax.aot", *todo[name], "--json", str(path),
+                                     "--hlo", str(hlo)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+            _, status, usage = os.wait4(proc.pid, 0)  # this compile's own peak memory, not the runner's
+            err.seek(0)
+            lines = err.read().strip().splitlines()
+        if os.waitstatus_to_exitcode(status) not in (0, 3):
+            print(json.dumps({"case": name, "error": lines[-1:]}), flush=True)
+            continue
+        if hlo.exists():
+            with open(hlo, "rb") as src, gzip.open(f"{hlo}.gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            hlo.unlink()
+        report = json.loads(path.read_text())
+        report["host"] = {"wall_s": round(time.perf_counter() - t0, 1),
+                          "peak_rss_gb": round(usage.ru_maxrss / 1e6, 2),
+                          "machine": "2-core CPU host (the project's CI size)"}
+        path.write_text(json.dumps(report, indent=1) + "\n")
+        print(json.dumps({"case": name, "fits": report["fits"], "total_GiB": _gib(report),
+                          "compile_s": report["compile_s"]}), flush=True)
+    return 0
+
+
+def recount() -> int:
+    """What the report reads from the HLO text, read again from the kept HLO (after a fix to the reading)."""
+    sys.path.insert(0, str(ROOT))
+    from pbe_jax import aot
+
+    for path in sorted(HLO.glob("*.hlo.gz")):
+        report_path = OUT / f"{path.name.removesuffix('.hlo.gz')}.json"
+        if not report_path.exists():
+            continue
+        with gzip.open(path, "rt") as f:
+            hlo = f.read()
+        report = json.loads(report_path.read_text())
+        report.update(collectives=aot.collectives(hlo), mosaic_kernels=aot.mosaic_kernels(hlo),
+                      dtypes=aot.dtype_census(hlo))
+        report_path.write_text(json.dumps(report, indent=1) + "\n")
+        print(json.dumps({"case": report_path.stem, "collectives": report["collectives"]}), flush=True)
+    return 0
+
+
+def _gib(report: dict) -> float | None:
+    total = report["per_chip_bytes"].get("total")
+    return None if total is None else round(total / 2 ** 30, 2)
+
+
+def load() -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))}
+
+
+def table() -> str:
+    """Markdown: per chip, the largest measured training batch that fits and the sampler at its largest."""
+    done = load()
+    rows = ["| slice | setting | train: largest per-chip batch measured that fits (GiB of HBM) | roofline samples/s per chip "
+            "| sample: per-chip batch (GiB) | roofline images/s per chip, PLMS-50 / DPM-Solver++-20 |",
+            "|---|---|---|---|---|---|"]
+    for topo, settings in TRAIN.items():
+        train = [r for n, r in done.items() if n.startswith(f"train-{topo}-")]
+        fit = max((r for r in train if r["fits"]), key=lambda r: r["per_chip_batch"], default=None)
+        refused = min((r["per_chip_batch"] for r in train if not r["fits"]), default=None)
+        t = "not measured" if fit is None else f"{fit['per_chip_batch']:g} ({_gib(fit)})"
+        if refused is not None:
+            t += f"; {refused:g} does not fit"
+        rate = "" if fit is None else f"{fit['samples_per_s_per_chip']:.1f}"
+        sample = {}
+        for n, r in done.items():
+            if n.startswith(f"sample-{topo}-") and r["fits"]:
+                key = r["per_chip_batch"]
+                sample.setdefault(key, {})[r["sampler"]] = r
+        if sample:
+            b = max(sample)
+            s = f"{b:g} ({max(_gib(r) for r in sample[b].values())})"
+            rates = " / ".join(f"{sample[b][k]['images_per_s_per_chip']:.2f}" if k in sample[b] else "–"
+                               for k in ("plms", "dpmpp_2m"))
+        else:
+            s = rates = "not measured"
+        refused = sorted({r["per_chip_batch"] for n, r in done.items() if n.startswith(f"sample-{topo}-") and not r["fits"]})
+        if refused:
+            s += f"; {refused[0]:g} does not fit ({max(_gib(r) for n, r in done.items() if n.startswith(f'sample-{topo}-') and r['per_chip_batch'] == refused[0])})"
+        rows.append(f"| {topo} | {', '.join(settings)}, no remat, bf16 frozen | {t} | {rate} | {s} | {rates} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["run", "list", "table", "recount"])
+    p.add_argument("cases", nargs="*")
+    args = p.parse_args(argv)
+    if args.command == "run":
+        return run(args.cases)
+    if args.command == "recount":
+        return recount()
+    if args.command == "list":
+        done = load()
+        for name in cases():
+            print(f"{'done' if name in done else '    '}  {name}")
+        return 0
+    print(table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
