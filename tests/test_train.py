@@ -170,10 +170,19 @@ def test_condition_dropout():
     nets = Nets(build_models(cfg))
     batch = jax.tree.map(jnp.asarray, next(make_loader(cfg, seed=0)))
     uncond = np.asarray(nets.image_encoder.uncond(4))
-    for p, per_batch in ((1.0, False), (1.0, True), (0.0, False)):
-        _, _, cond, _ = prepare(nets, batch, jax.random.key(0), NoiseSchedule(), StepConfig(p, per_batch))
+    for p, group in ((1.0, 1), (1.0, 4), (0.0, 1)):
+        _, _, cond, _ = prepare(nets, batch, jax.random.key(0), NoiseSchedule(), StepConfig(p, group))
         same = np.all(np.isclose(np.asarray(cond), uncond), axis=(1, 2))
         assert same.all() == (p == 1.0) and (not same.any()) == (p == 0.0)
+    # cond_drop_group=2: rows (0, 1) and (2, 3) each share one decision (the original: one per GPU batch);
+    # per sample (1) the rows of a batch differ for some key
+    decisions = {1: set(), 2: set()}
+    for group in decisions:
+        for seed in range(12):
+            _, _, cond, _ = prepare(nets, batch, jax.random.key(seed), NoiseSchedule(), StepConfig(0.5, group))
+            decisions[group].add(tuple(np.all(np.isclose(np.asarray(cond), uncond), axis=(1, 2))))
+    assert all(d[0] == d[1] and d[2] == d[3] for d in decisions[2]) and len(decisions[2]) > 1
+    assert any(d[0] != d[1] or d[2] != d[3] for d in decisions[1])
 
 
 def test_ablation_switches_turn_the_augmentations_off():
@@ -198,12 +207,17 @@ def test_ablation_switches_turn_the_augmentations_off():
     keep_other, cond_other = keep_and_cond(off, 1)
     np.testing.assert_array_equal(keep, keep_other)
     np.testing.assert_array_equal(cond, cond_other)
+    import torch
+    import torch.nn.functional as F
+
     s = batch["image"].shape[1]
-    f = s // keep.shape[1]
     centres = np.arange(s) + 0.5
     for b, (x0, y0, x1, y1) in enumerate(np.asarray(batch["box_ext"])):
         inside = (centres[None, :] >= x0) & (centres[None, :] < x1) & (centres[:, None] >= y0) & (centres[:, None] < y1)
-        np.testing.assert_array_equal(keep[b], 1.0 - inside[::f, ::f])
+        # at latent size as the original resizes it (torchvision's bilinear Resize of the tensor)
+        expected = F.interpolate(torch.from_numpy(1.0 - inside.astype(np.float32))[None, None], size=keep.shape[1:],
+                                 mode="bilinear", align_corners=False, antialias=False)[0, 0].numpy()
+        np.testing.assert_allclose(keep[b], expected, atol=1e-6)
     plain = augment_references(jax.random.key(0), batch["reference"], size=nets.image_encoder.config.image_size,
                                **NO_AUGMENTATION)
     np.testing.assert_allclose(cond, np.asarray(nets.image_encoder.bottleneck(nets.image_encoder.model(plain)[1])),

@@ -56,11 +56,14 @@ class DataConfig:
 class OptimConfig:
     lr: float = 1e-5
     warmup_steps: int = 10000
+    # The learning rate starts at warmup_start × lr and rises linearly to lr (the original's
+    # LambdaLinearScheduler: f_start 1e-6, so its first step already moves the weights)
+    warmup_start: float = 1e-6
     weight_decay: float = 0.01  # PyTorch AdamW's default, what the original trained with
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
-    clip_norm: float = 1.0  # 0 disables gradient clipping
+    clip_norm: float = 0.0  # global-norm gradient clipping; 0 (the original: its trainer sets none) disables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +75,9 @@ class TrainConfig:
     steps: int = 100000
     seed: int = 0
     cond_drop: float = 0.2  # probability that the condition is replaced by the uncond vector
-    cond_drop_per_batch: bool = False  # the original code draws it once per batch
+    # How many consecutive samples share one drop decision. The original draws one per forward pass, i.e. per
+    # GPU's batch (4 in its config, configs/v1.yaml); 1 draws per sample.
+    cond_drop_group: int = 4
     # The paper's augmentations, switchable for its ablations: the probability of an arbitrary-shape (Bezier)
     # mask instead of the extended box (0: box masks only), and the reference's augmentation (False: resize).
     bezier_mask_p: float = 0.5

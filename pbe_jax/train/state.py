@@ -43,8 +43,10 @@ class TrainState:
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """AdamW with linear warm-up from 0 to lr over warmup_steps, then constant; global-norm clipping."""
-    schedule = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
+    """AdamW (decoupled weight decay, as torch.optim.AdamW) with a linear warm-up from warmup_start × lr to lr
+    over warmup_steps, then constant (the original's LambdaLinearScheduler); optional global-norm clipping."""
+    schedule = (optax.linear_schedule(cfg.warmup_start * cfg.lr, cfg.lr, cfg.warmup_steps) if cfg.warmup_steps > 0
+                else optax.constant_schedule(cfg.lr))
     adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm > 0 else adamw
 

@@ -21,7 +21,7 @@ class StepConfig:
     """What the step reads of TrainConfig, under the same names (`from_train_config`)."""
 
     cond_drop: float = 0.2
-    cond_drop_per_batch: bool = False
+    cond_drop_group: int = 4
     ema_decay: float = 0.0
     bezier_mask_p: float = 0.5
     reference_augment: bool = True
@@ -38,41 +38,81 @@ def _unet_matrix(path: str, x) -> bool:
     return path.startswith("unet.") and x.ndim >= 2
 
 
+def latent_mask(keep: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """The keep mask (B, H, W, 1) at latent size as the original's `get_input` makes it: torchvision's
+    `Resize` on a tensor (bilinear, half-pixel centres, no antialiasing in the torchvision 0.12 it trained
+    with), so that a mask edge inside an 8-pixel cell gives a fractional value, not the cell's first pixel."""
+    b, c = keep.shape[0], keep.shape[-1]
+    return jax.image.resize(keep, (b, *size, c), method="linear", antialias=False)
+
+
+def draw(nets, batch: dict, key: jax.Array, schedule: NoiseSchedule, cfg: StepConfig) -> dict[str, jax.Array]:
+    """Every random choice of one step, from `key`: the edit masks (B, H, W; 1 = replace), the augmented
+    references, the posterior noise of the image's and the masked image's latents, which rows take the uncond
+    vector, the timesteps and the target noise. `inputs` computes the rest deterministically, so that a
+    reference implementation given the same draws computes the same step (`pbe_jax.compare --train`)."""
+    k_mask, k_ref, k_drop, k_t, k_noise, k_z, k_zm = jax.random.split(key, 7)
+    b, s = batch["image"].shape[0], batch["image"].shape[1]
+    vae, encoder = nets.vae, nets.image_encoder
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = (b, s // f, s // f, vae.config.latent_channels)
+    groups = -(-b // cfg.cond_drop_group)
+    drop = jnp.repeat(jax.random.bernoulli(k_drop, cfg.cond_drop, (groups,)), cfg.cond_drop_group)[:b]
+    return {
+        "edit": augment.shape_masks(k_mask, batch["box"], batch["box_ext"], size=s, p_bezier=cfg.bezier_mask_p),
+        "reference": augment.augment_references(k_ref, batch["reference"], size=encoder.config.image_size,
+                                                **({} if cfg.reference_augment else augment.NO_AUGMENTATION)),
+        "posterior_noise": jax.random.normal(k_z, latent, jnp.float32),
+        "masked_posterior_noise": jax.random.normal(k_zm, latent, jnp.float32),
+        "drop": drop,
+        "t": jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps),
+        "noise": jax.random.normal(k_noise, latent, jnp.float32),
+    }
+
+
+def _latent(vae, x: jax.Array, noise: jax.Array) -> jax.Array:
+    """The scaled posterior sample, mean + std · noise (the original's `get_first_stage_encoding`)."""
+    posterior = vae.encode(x)
+    z = posterior.mean + jnp.exp(0.5 * posterior.logvar) * noise.astype(posterior.mean.dtype)
+    return jax.lax.stop_gradient(vae.scale(z).astype(jnp.float32))
+
+
+def inputs(nets, image: jax.Array, d: dict[str, jax.Array], schedule: NoiseSchedule):
+    """Images in [-1, 1] (B, H, W, 3) and one step's draws → UNet input (z_t | masked-image latent | keep
+    mask), timesteps, condition, target noise."""
+    keep = (1.0 - d["edit"])[..., None]  # the model's convention: 1 = keep
+    z = _latent(nets.vae, image, d["posterior_noise"])
+    z_masked = _latent(nets.vae, image * keep, d["masked_posterior_noise"])
+    keep_latent = latent_mask(keep, z.shape[1:3])
+    encoder = nets.image_encoder
+    _, pooled = encoder.model(d["reference"])
+    cond = encoder.bottleneck(jax.lax.stop_gradient(pooled))
+    cond = jnp.where(d["drop"][:, None, None], encoder.uncond(image.shape[0]), cond)
+    z_t = schedule.q_sample(z, d["noise"], d["t"])
+    return jnp.concatenate([z_t, z_masked, keep_latent], axis=-1), d["t"], cond, d["noise"]
+
+
 def prepare(nets, batch: dict, key: jax.Array, schedule: NoiseSchedule, cfg: StepConfig):
     """Batch (uint8 images and references, boxes) → UNet input, timesteps, condition, target noise."""
-    k_mask, k_ref, k_drop, k_t, k_noise, k_z, k_zm = jax.random.split(key, 7)
     image = batch["image"].astype(jnp.float32) / 127.5 - 1.0
-    b, s = image.shape[0], image.shape[1]
-    edit = augment.shape_masks(k_mask, batch["box"], batch["box_ext"], size=s, p_bezier=cfg.bezier_mask_p)
-    keep = (1.0 - edit)[..., None]  # the model's convention: 1 = keep
-    vae, encoder = nets.vae, nets.image_encoder
-    reference = augment.augment_references(k_ref, batch["reference"], size=encoder.config.image_size,
-                                           **({} if cfg.reference_augment else augment.NO_AUGMENTATION))
-    z = vae.scale(vae.encode(image).sample(k_z)).astype(jnp.float32)
-    z_masked = vae.scale(vae.encode(image * keep).sample(k_zm)).astype(jnp.float32)
-    z, z_masked = jax.lax.stop_gradient(z), jax.lax.stop_gradient(z_masked)
-    f = s // z.shape[1]
-    keep_latent = keep[:, ::f, ::f]
+    return inputs(nets, image, draw(nets, batch, key, schedule, cfg), schedule)
 
-    _, pooled = encoder.model(reference)
-    cond = encoder.bottleneck(jax.lax.stop_gradient(pooled))
-    uncond = encoder.uncond(b)
-    drop = jax.random.bernoulli(k_drop, cfg.cond_drop, (1,) if cfg.cond_drop_per_batch else (b,))
-    cond = jnp.where(drop[:, None, None], uncond, cond)
 
-    t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
-    noise = jax.random.normal(k_noise, z.shape, jnp.float32)
-    z_t = schedule.add_noise(z, noise, t)
-    x = jnp.concatenate([z_t, z_masked, keep_latent], axis=-1)
-    return x, t, cond, noise
+def loss_given(params, frozen, graphdef, image: jax.Array, draws: dict, schedule: NoiseSchedule,
+               cfg: StepConfig) -> jax.Array:
+    """ε-MSE of one step given its draws (the original's `p_losses` with the simple L2 loss: the mean over
+    every latent element; its logvar is 0 and its ELBO weight 0, so nothing else enters)."""
+    params = parallel.gather_params(params, jnp.dtype(cfg.dtype), _unet_matrix)
+    nets = nnx.merge(graphdef, params, parallel.gather_params(frozen))
+    x, t, cond, noise = inputs(nets, image, draws, schedule)
+    eps = nets.unet(x, t, cond).astype(jnp.float32)
+    return jnp.mean(jnp.square(eps - noise))
 
 
 def loss_fn(params, frozen, graphdef, batch, key, schedule: NoiseSchedule, cfg: StepConfig):
-    params = parallel.gather_params(params, jnp.dtype(cfg.dtype), _unet_matrix)
-    nets = nnx.merge(graphdef, params, parallel.gather_params(frozen))
-    x, t, cond, noise = prepare(nets, batch, key, schedule, cfg)
-    eps = nets.unet(x, t, cond).astype(jnp.float32)
-    return jnp.mean(jnp.square(eps - noise))
+    image = batch["image"].astype(jnp.float32) / 127.5 - 1.0
+    draws = draw(nnx.merge(graphdef, params, frozen), batch, key, schedule, cfg)
+    return loss_given(params, frozen, graphdef, image, draws, schedule, cfg)
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef, optimizer: optax.GradientTransformation,
