@@ -5,6 +5,7 @@ and inputs, per component (image encoder, VAE encode, VAE decode, UNet).
     python -m pbe_jax.compare --diffusers DIR      # a diffusers Paint-by-Example folder
     python -m pbe_jax.compare --random sd14        # random weights at full SD-1.4 size (GPU advised)
     python -m pbe_jax.compare --end-to-end         # also the whole pipeline against PaintByExamplePipeline
+    python -m pbe_jax.compare --train --steps 100 --png curve.png   # the training step (pbe_jax.compare_train)
 
 Errors are max |jax − torch| and that divided by max |torch| (the output's scale). In float32 the check is
 error ≤ tolerance × scale. With --dtype bfloat16 the port runs in bf16 against the float32 reference and
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--diffusers", metavar="DIR", help="a diffusers Paint-by-Example folder")
-    src.add_argument("--random", choices=["sd", "alt", "sd14"], default="sd",
+    src.add_argument("--random", choices=["sd", "tiny", "alt", "sd14"], default="sd",
                      help="without --diffusers: random weights of a tiny configuration (sd, alt) or full "
                           "SD-1.4 size (sd14); default sd")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -183,7 +184,18 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--end-to-end", action="store_true",
                    help="also compare whole pipelines (PLMS and DDIM; needs a folder: --diffusers or a tiny --random)")
-    p.add_argument("--steps", type=int, default=10, help="denoising steps for --end-to-end (default 10)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps for --end-to-end (default 10); training steps for --train (default 1: "
+                        "one step; more: also the two loss curves)")
+    p.add_argument("--train", action="store_true",
+                   help="compare the training step with the PyTorch reference of the original's (loss, every "
+                        "trainable gradient, the AdamW update; with --steps N the loss curves)")
+    p.add_argument("--lr", type=float, default=1e-4, help="--train: peak learning rate (default 1e-4)")
+    p.add_argument("--warmup-steps", type=int, default=0,
+                   help="--train: linear warm-up steps from 1e-6 × lr, as the original (default 0: none, so that "
+                        "the first update is large enough to compare in float32)")
+    p.add_argument("--clip-norm", type=float, default=0.0, help="--train: global-norm clipping (default 0: none)")
+    p.add_argument("--png", metavar="FILE", help="--train --steps N: draw both loss curves to FILE")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
 
@@ -198,8 +210,14 @@ def main(argv=None) -> int:
         jax.config.update("jax_default_matmul_precision", "highest")
         reference.disable_tf32()
     policy = Policy(dtype=jnp.dtype(args.dtype), attention_backend=args.attention)
+    if args.random == "tiny":
+        args.random = "sd"
     if args.end_to_end and args.random == "sd14" and not args.diffusers:
         p.error("--end-to-end needs a folder: use --diffusers DIR or a tiny --random configuration")
+    if args.train and (args.end_to_end or args.dtype != "float32"):
+        p.error("--train compares in float32 and on its own (without --end-to-end)")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps {args.steps}: must be at least 1")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         if args.diffusers:
@@ -214,10 +232,13 @@ def main(argv=None) -> int:
             source, folder = f"tiny random pipeline '{args.random}'", reference.save_tiny(tmp, args.random, seed=args.seed)
             torch_modules = reference.load_torch(folder)
             models = load(folder, policy=policy)
+        if args.train:
+            return train_parity(args, torch_modules, models, source, t0)
         rows = compare(torch_modules, models, dtype=args.dtype, batch=args.batch, image_size=args.size,
                        tolerance=args.tolerance, seed=args.seed)
         if args.end_to_end:
-            rows += compare_end_to_end(folder, batch=args.batch, steps=args.steps, seed=args.seed, policy=policy)
+            rows += compare_end_to_end(folder, batch=args.batch, steps=args.steps or 10, seed=args.seed,
+                                       policy=policy)
     ok = all(r["ok"] for r in rows)
     info = {"source": source, "device": str(jax.devices()[0].device_kind), "dtype": args.dtype,
             "seconds": round(time.perf_counter() - t0, 1), "ok": ok}
@@ -228,6 +249,33 @@ def main(argv=None) -> int:
         print(format_rows(rows))
         print("PASS" if ok else "FAIL", f"({info['seconds']} s)")
     return 0 if ok else 1
+
+
+def train_parity(args, torch_modules, models, source: str, t0: float) -> int:
+    """--train: the training step against the reference (pbe_jax.compare_train); exit status 1 above tolerance."""
+    import jax
+    from tqdm import tqdm
+
+    from pbe_jax import compare_train
+
+    steps = args.steps or 1
+    settings = compare_train.Settings(batch=args.batch, lr=args.lr, warmup_steps=args.warmup_steps,
+                                      clip_norm=args.clip_norm, seed=args.seed)
+    with tqdm(total=steps, desc="training steps (both frameworks)", disable=steps < 5 or args.json) as bar:
+        report = compare_train.run(torch_modules, models, settings=settings, steps=steps, image_size=args.size,
+                                   progress=lambda i, n: bar.update(1))
+    report.update(source=source, device=str(jax.devices()[0].device_kind), seconds=round(time.perf_counter() - t0, 1))
+    if args.png and "curve" in report:
+        compare_train.plot(report, args.png)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{source} on {report['device']}: the training step, float32, against the original's in PyTorch")
+        print(compare_train.format_report(report))
+        if args.png and "curve" in report:
+            print(f"loss curves drawn to {args.png}")
+        print("PASS" if report["ok"] else "FAIL", f"({report['seconds']} s)")
+    return 0 if report["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -207,3 +207,104 @@ def run_torch_pipeline(pipe, image, mask, reference, latents, steps: int, guidan
                    num_inference_steps=steps, guidance_scale=guidance_scale,
                    latents=torch.from_numpy(latents), output_type="np").images
     return (out * 255).round().astype(np.uint8)
+
+
+# ---- the training step, as the original release trains ----------------------------------------------------
+
+class TrainingReference:
+    """Paint by Example's training step in PyTorch on diffusers/transformers modules, computed as the original
+    release's `LatentDiffusion` does (`get_input` for the "inpaint" key, `forward`, `p_losses` with the simple
+    L2 loss, `proj_out`, the learnable vector; `configure_optimizers` and `LambdaLinearScheduler`):
+
+    - latents are posterior samples, `scale_factor × (mean + std · ε)`, of the image and of the masked image
+      (`image × keep`, the masked region 0 in [-1, 1]), without gradient;
+    - the keep mask at latent size is torchvision's `Resize` of the tensor (bilinear, half-pixel, no
+      antialiasing in the torchvision 0.12 it trained with);
+    - the condition is `proj_out(final_ln(mapper(pooled CLIP)))`, replaced by the learnable vector where
+      the drop decision says so; x_t = √ᾱ_t z + √(1 − ᾱ_t) ε with ᾱ from a float64 β schedule, stored as
+      float32; the loss the mean of (ε̂ − ε)² over everything (logvar 0, no ELBO term);
+    - AdamW (torch's, decoupled weight decay) over the UNet, the mapper, the LayerNorm, the projection and
+      the learnable vector; the learning rate × (f_start + (1 − f_start) n / warm-up) at optimiser step n,
+      then × 1; clipping by global norm only when asked (the original's trainer sets none).
+
+    Every random draw (masks, augmented references, posterior noise, drop decisions, timesteps, noise) comes
+    from the caller, as `pbe_jax.train.step.draw` makes them, NHWC; images in [-1, 1], NHWC."""
+
+    def __init__(self, modules: dict[str, Any], *, lr: float, warmup_steps: int, warmup_start: float,
+                 weight_decay: float, b1: float, b2: float, eps: float, clip_norm: float,
+                 beta_start: float = 0.00085, beta_end: float = 0.012, beta_schedule: str = "scaled_linear",
+                 num_train_timesteps: int = 1000):
+        import numpy as np
+        import torch
+
+        self.unet, self.vae, self.encoder = modules["unet"], modules["vae"], modules["image_encoder"]
+        for m in (self.unet, self.vae, self.encoder):
+            m.eval()  # no dropout anywhere; the original's frozen stages are in eval mode too
+        for p in (*self.vae.parameters(), *self.encoder.model.parameters()):
+            p.requires_grad_(False)
+        self.trainable = {**{f"unet.{k}": p for k, p in self.unet.named_parameters()},
+                          **{f"image_encoder.{k}": p for k, p in self.encoder.named_parameters()
+                             if not k.startswith("model.")}}
+        for p in self.trainable.values():
+            p.requires_grad_(True)
+        if beta_schedule == "scaled_linear":
+            betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=np.float64) ** 2
+        else:
+            betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
+        ac = np.cumprod(1.0 - betas)
+        self.sqrt_ac = torch.tensor(np.sqrt(ac), dtype=torch.float32)
+        self.sqrt_1m_ac = torch.tensor(np.sqrt(1.0 - ac), dtype=torch.float32)
+        self.optimizer = torch.optim.AdamW(list(self.trainable.values()), lr=lr, betas=(b1, b2), eps=eps,
+                                           weight_decay=weight_decay)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda n: warmup_start + (1.0 - warmup_start) * n / warmup_steps if n < warmup_steps else 1.0)
+        self.clip_norm = clip_norm
+
+    def _latent(self, x, noise):
+        posterior = self.vae.encode(x).latent_dist
+        return self.vae.config.scaling_factor * (posterior.mean + posterior.std * noise)
+
+    def loss(self, image, draws: dict):
+        """The loss of one step: `image` (B, H, W, 3) and the draws as numpy arrays."""
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+
+        def nchw(a):
+            return torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32).transpose(0, 3, 1, 2)))
+
+        x = nchw(image)
+        keep = 1.0 - torch.from_numpy(np.asarray(draws["edit"], np.float32))[:, None]
+        with torch.no_grad():
+            z = self._latent(x, nchw(draws["posterior_noise"]))
+            z_inpaint = self._latent(x * keep, nchw(draws["masked_posterior_noise"]))
+        mask = F.interpolate(keep, size=z.shape[-2:], mode="bilinear", align_corners=False, antialias=False)
+        c = self.encoder(nchw(draws["reference"]))
+        drop = torch.from_numpy(np.asarray(draws["drop"], bool))[:, None, None]
+        c = torch.where(drop, self.encoder.uncond_vector.expand(c.shape[0], -1, -1), c)
+        t = torch.from_numpy(np.asarray(draws["t"], np.int64))
+        noise = nchw(draws["noise"])
+        x_t = self.sqrt_ac[t][:, None, None, None] * z + self.sqrt_1m_ac[t][:, None, None, None] * noise
+        eps = self.unet(torch.cat([x_t, z_inpaint, mask], dim=1), t, c).sample
+        return F.mse_loss(eps, noise)
+
+    def step(self, image, draws: dict) -> tuple[float, dict[str, Any]]:
+        """One optimiser step: the loss and the gradients (before clipping) by parameter name, as numpy."""
+        import torch
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(image, draws)
+        loss.backward()
+        grads = {k: p.grad.detach().numpy().copy() for k, p in self.trainable.items() if p.grad is not None}
+        if self.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.clip_norm)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        return float(loss), grads
+
+    def frozen_grads(self) -> list[str]:
+        """Names of frozen parameters holding a gradient (none should)."""
+        frozen = [("vae." + k, p) for k, p in self.vae.named_parameters()]
+        frozen += [("image_encoder." + k, p) for k, p in self.encoder.named_parameters() if k.startswith("model.")]
+        return [k for k, p in frozen if p.grad is not None]
