@@ -6,6 +6,7 @@ and inputs, per component (image encoder, VAE encode, VAE decode, UNet).
     python -m pbe_jax.compare --random sd14        # random weights at full SD-1.4 size (GPU advised)
     python -m pbe_jax.compare --end-to-end         # also the whole pipeline against PaintByExamplePipeline
     python -m pbe_jax.compare --train --steps 100 --png curve.png   # the training step (pbe_jax.compare_train)
+    python -m pbe_jax.compare --train --random sd14 --size 256 --batch 1 --grads-only   # its gradients, full size
 
 Errors are max |jax − torch| and that divided by max |torch| (the output's scale). In float32 the check is
 error ≤ tolerance × scale. With --dtype bfloat16 the port runs in bf16 against the float32 reference and
@@ -195,6 +196,9 @@ def main(argv=None) -> int:
                    help="--train: linear warm-up steps from 1e-6 × lr, as the original (default 0: none, so that "
                         "the first update is large enough to compare in float32)")
     p.add_argument("--clip-norm", type=float, default=0.0, help="--train: global-norm clipping (default 0: none)")
+    p.add_argument("--grads-only", action="store_true",
+                   help="--train: one step's loss and gradients only, with no optimiser state on either side and "
+                        "PyTorch's networks released before JAX's step runs (what fits --random sd14 on a 24 GB host)")
     p.add_argument("--png", metavar="FILE", help="--train --steps N: draw both loss curves to FILE")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
@@ -216,6 +220,8 @@ def main(argv=None) -> int:
         p.error("--end-to-end needs a folder: use --diffusers DIR or a tiny --random configuration")
     if args.train and (args.end_to_end or args.dtype != "float32"):
         p.error("--train compares in float32 and on its own (without --end-to-end)")
+    if args.grads_only and (not args.train or (args.steps or 1) > 1):
+        p.error("--grads-only is one training step: use it with --train and without --steps N > 1")
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps {args.steps}: must be at least 1")
     t0 = time.perf_counter()
@@ -261,9 +267,12 @@ def train_parity(args, torch_modules, models, source: str, t0: float) -> int:
     steps = args.steps or 1
     settings = compare_train.Settings(batch=args.batch, lr=args.lr, warmup_steps=args.warmup_steps,
                                       clip_norm=args.clip_norm, seed=args.seed)
-    with tqdm(total=steps, desc="training steps (both frameworks)", disable=steps < 5 or args.json) as bar:
-        report = compare_train.run(torch_modules, models, settings=settings, steps=steps, image_size=args.size,
-                                   progress=lambda i, n: bar.update(1))
+    if args.grads_only:
+        report = compare_train.gradients_only(torch_modules, models, settings=settings, image_size=args.size)
+    else:
+        with tqdm(total=steps, desc="training steps (both frameworks)", disable=steps < 5 or args.json) as bar:
+            report = compare_train.run(torch_modules, models, settings=settings, steps=steps,
+                                       image_size=args.size, progress=lambda i, n: bar.update(1))
     report.update(source=source, device=str(jax.devices()[0].device_kind), seconds=round(time.perf_counter() - t0, 1))
     if args.png and "curve" in report:
         compare_train.plot(report, args.png)

@@ -7,7 +7,8 @@ One step on a fixed batch: the loss, every trainable parameter's gradient and ev
 as ‖jax − torch‖ / ‖torch‖; the frozen towers
 must hold no gradient on either side. With `steps` > 1 both frameworks then train on the same sequence of
 batches and draws and the two loss curves are compared step by step, with the final distance between the
-parameters relative to the distance they travelled.
+parameters relative to the distance they travelled. `gradients_only` is the one step without the update,
+holding one framework's networks at a time: what fits SD-1.4 size on one host.
 
 Tolerances (float32 on the CPU, both sides at full matmul precision): the loss and the gradients to 1e-4
 relative — a gradient is a sum over every element of every activation in forward and backward, and the
@@ -72,20 +73,26 @@ def flat(tree) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(p, simple=True, separator="."): np.asarray(v) for p, v in leaves}
 
 
-def torch_named_to_jax(torch_modules: dict[str, Any], named: dict[str, np.ndarray], trainable) -> dict[str, np.ndarray]:
+def torch_specs(torch_modules: dict[str, Any]) -> dict[str, tuple[dict, dict[str, tuple]]]:
+    """What converting tensors named as the reference's needs of its networks: each one's config and its
+    state dict's shapes (so that the networks themselves can be released first)."""
+    return {name: (m.config.to_dict() if hasattr(m.config, "to_dict") else dict(m.config),
+                   {k: tuple(v.shape) for k, v in m.state_dict().items()})
+            for name, m in torch_modules.items() if name in ("unet", "vae", "image_encoder")}
+
+
+def torch_named_to_jax(specs: dict[str, tuple[dict, dict[str, tuple]]], named: dict[str, np.ndarray],
+                       trainable) -> dict[str, np.ndarray]:
     """Tensors named as the reference's trainable parameters ("unet.conv_in.weight", …: gradients, or
     parameters) in the JAX port's layout and paths, through the conversion that loads weights (zeros for the
-    names not given)."""
+    names not given); `specs` from `torch_specs`."""
     from pbe_jax.convert import PaintByExampleModels
     from pbe_jax.convert.diffusers import from_state_dict
     from pbe_jax.train import state as train_state
 
     parts = {}
-    for name, module in torch_modules.items():
-        if name not in ("unet", "vae", "image_encoder"):
-            continue
-        config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
-        sd = {k: named.get(f"{name}.{k}", np.zeros(tuple(v.shape), np.float32)) for k, v in module.state_dict().items()}
+    for name, (config, shapes) in specs.items():
+        sd = {k: named.get(f"{name}.{k}", np.zeros(shape, np.float32)) for k, shape in shapes.items()}
         parts[name] = from_state_dict(name, config, sd, source=f"PyTorch {name} (converted tensors)")
     _, params, _ = train_state.split(PaintByExampleModels(**parts), trainable)
     return flat(params)
@@ -107,7 +114,7 @@ class JaxSide:
     """The project's training step, split at the draws: `draw` as `train_step` calls it, then the loss, its
     gradient and the optimiser's update given those draws."""
 
-    def __init__(self, models, settings: Settings, schedule, trainable):
+    def __init__(self, models, settings: Settings, schedule, trainable, optimizer: bool = True):
         import jax
         import jax.numpy as jnp
         import optax
@@ -122,19 +129,23 @@ class JaxSide:
         self.optimizer = train_state.make_optimizer(OptimConfig(
             lr=s.lr, warmup_steps=s.warmup_steps, warmup_start=s.warmup_start, weight_decay=s.weight_decay,
             b1=s.b1, b2=s.b2, eps=s.eps, clip_norm=s.clip_norm))
-        self.opt_state = self.optimizer.init(self.params)
+        self.opt_state = self.optimizer.init(self.params) if optimizer else None  # AdamW's moments: 2 × params
         self.cfg = StepConfig(cond_drop=s.cond_drop, cond_drop_group=s.cond_drop_group, dtype="float32")
         graphdef, cfg = self.graphdef, self.cfg
 
         def draws(params, frozen, batch, key):
             return draw(nnx.merge(graphdef, params, frozen), batch, key, schedule, cfg)
 
+        def gradients(params, frozen, image, d):
+            return jax.value_and_grad(loss_given)(params, frozen, graphdef, image, d, schedule, cfg)
+
         def step(params, opt_state, frozen, image, d):
-            loss, grads = jax.value_and_grad(loss_given)(params, frozen, graphdef, image, d, schedule, cfg)
+            loss, grads = gradients(params, frozen, image, d)
             updates, opt_state = self.optimizer.update(grads, opt_state, params)
             return loss, grads, optax.apply_updates(params, updates), opt_state
 
         self._draws = jax.jit(draws)
+        self._gradients = jax.jit(gradients)
         self._step = jax.jit(step)
         self._image = jax.jit(lambda b: b.astype(jnp.float32) / 127.5 - 1.0)
 
@@ -146,17 +157,16 @@ class JaxSide:
     def image(self, batch: dict) -> np.ndarray:
         return np.asarray(self._image(batch["image"]))
 
+    def gradients(self, image: np.ndarray, d: dict):
+        loss, grads = self._gradients(self.params, self.frozen, image, d)
+        return float(loss), grads
+
     def step(self, image: np.ndarray, d: dict):
         loss, grads, self.params, self.opt_state = self._step(self.params, self.opt_state, self.frozen, image, d)
         return float(loss), grads
 
 
-def run(torch_modules: dict[str, Any], models, *, settings: Settings = Settings(), steps: int = 1,
-        image_size: int | None = None, trainable=None, progress=None) -> dict:
-    """The comparison (see the module's docstring) → a report: one step's loss, gradient and update errors
-    (the five worst tensors named), the frozen gradients found, and with steps > 1 both loss curves."""
-    import jax
-
+def _setup(torch_modules, models, settings: Settings, steps: int, image_size, trainable, optimizer: bool):
     from pbe_jax import reference
     from pbe_jax.diffusion import NoiseSchedule
     from pbe_jax.train.config import ModelConfig
@@ -165,23 +175,86 @@ def run(torch_modules: dict[str, Any], models, *, settings: Settings = Settings(
     schedule = NoiseSchedule()
     s = settings
     size = image_size or models.vae.config.sample_size
-    ref_size = models.image_encoder.config.image_size
-    data = batches(size, ref_size, s.batch, max(steps, 1), s.seed)
-    ours = JaxSide(models, s, schedule, trainable)
+    data = batches(size, models.image_encoder.config.image_size, s.batch, steps, s.seed)
+    ours = JaxSide(models, s, schedule, trainable, optimizer=optimizer)
     theirs = reference.TrainingReference(
         torch_modules, lr=s.lr, warmup_steps=s.warmup_steps, warmup_start=s.warmup_start,
         weight_decay=s.weight_decay, b1=s.b1, b2=s.b2, eps=s.eps, clip_norm=s.clip_norm,
         beta_start=schedule.beta_start, beta_end=schedule.beta_end, beta_schedule=schedule.beta_schedule,
         num_train_timesteps=schedule.num_train_timesteps)
-    start = flat(ours.params)
-    key = jax.random.key(s.seed)
     report: dict[str, Any] = {"settings": dataclasses.asdict(s), "image_size": size, "steps": steps,
                               "tolerances": TOLERANCES}
+    return trainable, data, ours, theirs, report
+
+
+def _first_draws(ours: JaxSide, batch: dict, key, settings: Settings) -> dict:
+    import jax
+
+    d = ours.draws(batch, jax.random.fold_in(key, 0))
+    d["drop"] = np.arange(settings.batch) % 2 == 1  # both branches of the condition: the learnable vector gets a gradient
+    return d
+
+
+def _gradient_report(loss_j: float, loss_t: float, g_j: dict, g_t: dict, frozen_torch: list[str],
+                     trainable) -> tuple[dict, dict, list[str]]:
+    """One step's loss and gradient comparison → (report entries, per-tensor errors, tensors zero on both sides)."""
+    total = math.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in g_t.values()))
+    floor = ZERO * total
+    zero = sorted(k for k in g_t if np.linalg.norm(g_t[k]) <= floor and np.linalg.norm(g_j.get(k, 0)) <= floor)
+    grad_err = {k: rel(g_j[k], g_t[k]) for k in g_t if k not in zero and k in g_j}
+    return {"loss_jax": loss_j, "loss_torch": loss_t, "loss_rel": abs(loss_j - loss_t) / abs(loss_t),
+            "tensors": len(g_t), "missing": sorted(set(g_t) ^ set(g_j)), "grad_norm": total,
+            "zero_grad_tensors": zero, "grad_rel_max": max(grad_err.values()), "grad_worst": _worst(grad_err),
+            "frozen_with_grad_torch": frozen_torch,
+            "frozen_in_jax_grads": [k for k in g_j if not k.startswith(trainable)]}, grad_err, zero
+
+
+def gradients_only(torch_modules: dict[str, Any], models, *, settings: Settings = Settings(),
+                   image_size: int | None = None, trainable=None) -> dict:
+    """One step's loss and gradients, without either side's optimiser state: the comparison that fits a
+    full-size model on one host. PyTorch goes first; its gradients are taken into the port's layout, then its
+    networks are released (`torch_modules` is emptied) before the JAX step runs, so that the host never holds
+    both frameworks' networks beside both gradients (SD-1.4: 5.2 GB of float32 weights and 3.7 GB of
+    trainable gradients per framework)."""
+    import gc
+
+    import jax
+
+    trainable, data, ours, theirs, report = _setup(torch_modules, models, settings, 1, image_size, trainable,
+                                                   optimizer=False)
+    d = _first_draws(ours, data[0], jax.random.key(settings.seed), settings)
+    image = ours.image(data[0])
+    specs = torch_specs(torch_modules)
+    loss_t, grads = theirs.gradients(image, d)
+    frozen_torch = theirs.frozen_grads()
+    del theirs
+    torch_modules.clear()
+    g_t = torch_named_to_jax(specs, grads, trainable)
+    del grads
+    gc.collect()
+    loss_j, grads_j = ours.gradients(image, d)
+    one, _, _ = _gradient_report(loss_j, loss_t, flat(grads_j), g_t, frozen_torch, trainable)
+    report["one_step"] = {**one, "lr": None, "update_rel_max": None, "update_worst": [],
+                          "update_elements_compared": None, "param_abs_max": None}
+    report["ok"] = ok(report)
+    return report
+
+
+def run(torch_modules: dict[str, Any], models, *, settings: Settings = Settings(), steps: int = 1,
+        image_size: int | None = None, trainable=None, progress=None) -> dict:
+    """The comparison (see the module's docstring) → a report: one step's loss, gradient and update errors
+    (the five worst tensors named), the frozen gradients found, and with steps > 1 both loss curves."""
+    import jax
+
+    s = settings
+    trainable, data, ours, theirs, report = _setup(torch_modules, models, s, max(steps, 1), image_size,
+                                                   trainable, optimizer=True)
+    specs = torch_specs(torch_modules)
+    start = flat(ours.params)
+    key = jax.random.key(s.seed)
     curve_jax, curve_torch = [], []
     for i, batch in enumerate(data):
-        d = ours.draws(batch, jax.random.fold_in(key, i))
-        if i == 0:  # both branches of the condition in the compared step: the learnable vector gets a gradient
-            d["drop"] = np.arange(s.batch) % 2 == 1
+        d = _first_draws(ours, batch, key, s) if i == 0 else ours.draws(batch, jax.random.fold_in(key, i))
         image = ours.image(batch)
         loss_j, grads_j = ours.step(image, d)
         loss_t, grads_t = theirs.step(image, d)
@@ -189,14 +262,11 @@ def run(torch_modules: dict[str, Any], models, *, settings: Settings = Settings(
         curve_torch.append(loss_t)
         if i == 0:
             g_j = flat(grads_j)
-            g_t = torch_named_to_jax(torch_modules, grads_t, trainable)
-            after_t = torch_named_to_jax(torch_modules, {k: p.detach().numpy() for k, p in theirs.trainable.items()},
+            g_t = torch_named_to_jax(specs, grads_t, trainable)
+            after_t = torch_named_to_jax(specs, {k: p.detach().numpy() for k, p in theirs.trainable.items()},
                                          trainable)
             after_j = flat(ours.params)
-            total = math.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in g_t.values()))
-            floor = ZERO * total
-            zero = sorted(k for k in g_t if np.linalg.norm(g_t[k]) <= floor and np.linalg.norm(g_j.get(k, 0)) <= floor)
-            grad_err = {k: rel(g_j[k], g_t[k]) for k in g_t if k not in zero and k in g_j}
+            one, grad_err, _ = _gradient_report(loss_j, loss_t, g_j, g_t, theirs.frozen_grads(), trainable)
             lr0 = s.lr * (s.warmup_start if s.warmup_steps > 0 else 1.0)
             visible = lr0 >= 1e-3 * s.lr  # a first step of lr × 1e-6 (the original's warm-up) moves no float32 weight
             update_err, conditioned, elements = {}, 0, 0
@@ -207,22 +277,16 @@ def run(torch_modules: dict[str, Any], models, *, settings: Settings = Settings(
                 if m.any():
                     update_err[k] = rel((after_j[k] - start[k])[m], (after_t[k] - start[k])[m])
             report["one_step"] = {
-                "loss_jax": loss_j, "loss_torch": loss_t, "loss_rel": abs(loss_j - loss_t) / abs(loss_t),
-                "tensors": len(g_t), "missing": sorted(set(g_t) ^ set(g_j)), "grad_norm": total,
-                "zero_grad_tensors": zero,
-                "grad_rel_max": max(grad_err.values()), "grad_worst": _worst(grad_err), "lr": lr0,
+                **one, "lr": lr0,
                 "update_rel_max": max(update_err.values()) if visible else None, "update_worst": _worst(update_err),
                 "update_elements_compared": conditioned / elements if elements else None,
                 "param_abs_max": max(float(np.abs(after_j[k] - after_t[k]).max()) for k in start),
-                "frozen_with_grad_torch": theirs.frozen_grads(),
-                "frozen_in_jax_grads": [k for k in g_j if not k.startswith(trainable)],
             }
         if progress:
             progress(i + 1, len(data))
     if steps > 1:
         end_j = flat(ours.params)
-        end_t = torch_named_to_jax(torch_modules, {k: p.detach().numpy() for k, p in theirs.trainable.items()},
-                                   trainable)
+        end_t = torch_named_to_jax(specs, {k: p.detach().numpy() for k, p in theirs.trainable.items()}, trainable)
         dist = math.sqrt(sum(float(np.sum((end_j[k].astype(np.float64) - end_t[k]) ** 2)) for k in start))
         travelled = math.sqrt(sum(float(np.sum((end_t[k].astype(np.float64) - start[k]) ** 2)) for k in start))
         curve_rel = [abs(a - b) / abs(b) for a, b in zip(curve_jax, curve_torch)]
@@ -259,7 +323,9 @@ def format_report(report: dict) -> str:
     if one["zero_grad_tensors"]:
         lines.append(f"zero on both sides (≤ {ZERO:.0e} × the global norm; attention over one token): "
                      f"{len(one['zero_grad_tensors'])} tensors, e.g. {one['zero_grad_tensors'][0]}")
-    if one["update_rel_max"] is None:
+    if one["lr"] is None:
+        lines.append("updates not compared: gradients only (--grads-only: no optimiser state on either side)")
+    elif one["update_rel_max"] is None:
         lines.append(f"updates not compared: the first step's learning rate {one['lr']:.1e} (warm-up from "
                      f"{report['settings']['warmup_start']:g} × lr) moves no float32 weight; --warmup-steps 0 does")
     else:
@@ -300,6 +366,7 @@ def plot(report: dict, path: str) -> None:
     diff = np.abs(np.array(c["loss_jax"]) - np.array(c["loss_torch"])) / np.abs(np.array(c["loss_torch"]))
     bottom.semilogy(steps, np.maximum(diff, 1e-12), color="C3")
     bottom.axhline(TOLERANCES["curve"], color="gray", ls=":", label="tolerance")
+    bottom.set_ylim(top=10 * TOLERANCES["curve"])
     bottom.set_ylabel("|Δ loss| / loss")
     bottom.set_xlabel("step")
     bottom.legend()

@@ -275,13 +275,13 @@ class TrainingReference:
             return torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32).transpose(0, 3, 1, 2)))
 
         x = nchw(image)
-        keep = 1.0 - torch.from_numpy(np.asarray(draws["edit"], np.float32))[:, None]
+        keep = 1.0 - torch.tensor(np.asarray(draws["edit"], np.float32))[:, None]
         with torch.no_grad():
             z = self._latent(x, nchw(draws["posterior_noise"]))
             z_inpaint = self._latent(x * keep, nchw(draws["masked_posterior_noise"]))
         mask = F.interpolate(keep, size=z.shape[-2:], mode="bilinear", align_corners=False, antialias=False)
         c = self.encoder(nchw(draws["reference"]))
-        drop = torch.from_numpy(np.asarray(draws["drop"], bool))[:, None, None]
+        drop = torch.tensor(np.asarray(draws["drop"], bool))[:, None, None]
         c = torch.where(drop, self.encoder.uncond_vector.expand(c.shape[0], -1, -1), c)
         t = torch.from_numpy(np.asarray(draws["t"], np.int64))
         noise = nchw(draws["noise"])
@@ -289,19 +289,25 @@ class TrainingReference:
         eps = self.unet(torch.cat([x_t, z_inpaint, mask], dim=1), t, c).sample
         return F.mse_loss(eps, noise)
 
+    def gradients(self, image, draws: dict) -> tuple[float, dict[str, Any]]:
+        """The loss and the gradients by parameter name, as numpy views of the `.grad` tensors (valid until the
+        next `gradients` or `step`); no optimiser step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(image, draws)
+        loss.backward()
+        return float(loss.detach()), {k: p.grad.detach().numpy() for k, p in self.trainable.items() if p.grad is not None}
+
     def step(self, image, draws: dict) -> tuple[float, dict[str, Any]]:
         """One optimiser step: the loss and the gradients (before clipping) by parameter name, as numpy."""
         import torch
 
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(image, draws)
-        loss.backward()
-        grads = {k: p.grad.detach().numpy().copy() for k, p in self.trainable.items() if p.grad is not None}
+        loss, grads = self.gradients(image, draws)
+        grads = {k: g.copy() for k, g in grads.items()}
         if self.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.clip_norm)
         self.optimizer.step()
         self.lr_schedule.step()
-        return float(loss), grads
+        return loss, grads
 
     def frozen_grads(self) -> list[str]:
         """Names of frozen parameters holding a gradient (none should)."""

@@ -42,3 +42,52 @@ def test_a_hundred_steps_with_warmup_and_clipping(tiny_folder, tmp_path):
     assert c["param_travelled"] > 0 and c["param_distance_rel"] < 1e-2
     compare_train.plot(report, str(tmp_path / "curve.png"))
     assert (tmp_path / "curve.png").stat().st_size > 10_000
+
+
+def _invert_mask(reference):
+    loss = reference.TrainingReference.loss
+    return "loss", lambda self, image, d: loss(self, image, {**d, "edit": 1.0 - d["edit"]})
+
+
+def _scale_twice(reference):
+    latent = reference.TrainingReference._latent
+    return "_latent", lambda self, x, noise: self.vae.config.scaling_factor * latent(self, x, noise)
+
+
+def _shift_timestep(reference):
+    loss = reference.TrainingReference.loss
+    return "loss", lambda self, image, d: loss(self, image, {**d, "t": d["t"] + 1})
+
+
+def _drop_ignored(reference):
+    loss = reference.TrainingReference.loss
+    return "loss", lambda self, image, d: loss(self, image, {**d, "drop": d["drop"] & False})
+
+
+@pytest.mark.parametrize("mutation", [_invert_mask, _scale_twice, _shift_timestep, _drop_ignored],
+                         ids=["mask-inverted", "latent-scaled-twice", "timestep-shifted-by-one", "no-uncond-vector"])
+def test_a_wrong_convention_on_one_side_fails(tiny_folder, monkeypatch, mutation):
+    """The harness's power: each mistake the issue names, made on the reference's side only, fails it. Measured
+    (tiny 'sd'): loss rel 5e-2 / 4e-3 / 6e-4 / 8e-3 and worst gradient rel 1.2 / 0.58 / 0.33 / 1.6 for the four,
+    against 1.6e-7 and 2.7e-6 without a mistake."""
+    import jax
+
+    from pbe_jax import compare_train, reference
+    from pbe_jax.convert import load
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    folder = tiny_folder("sd")
+    monkeypatch.setattr(reference.TrainingReference, *mutation(reference))
+    report = compare_train.gradients_only(reference.load_torch(folder), load(folder))
+    one = report["one_step"]
+    assert not report["ok"]
+    assert one["grad_rel_max"] > 100 * compare_train.TOLERANCES["grad"], compare_train.format_report(report)
+
+
+def test_grads_only_is_one_step():
+    from pbe_jax import compare
+
+    for argv in (["--train", "--grads-only", "--steps", "2"], ["--grads-only"]):
+        with pytest.raises(SystemExit) as e:
+            compare.main(argv)
+        assert e.value.code == 2
