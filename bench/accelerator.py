@@ -554,7 +554,7 @@ def section_profile(ctx) -> None:
     import jax.numpy as jnp
     from flax import nnx
 
-    from pbe_jax.diffusion import guided
+    from pbe_jax.diffusion import guided, per_row
     from pbe_jax.models import Policy
     from pbe_jax.pipeline import default_dtype
     from pbe_jax.train.loop import build_models
@@ -581,7 +581,7 @@ def section_profile(ctx) -> None:
         net = nnx.merge(graphdef, state)
 
         def eps_fn(z, t, context):
-            return net(jnp.concatenate([z, jnp.tile(extra, (z.shape[0] // b, 1, 1, 1))], axis=-1), t, context)
+            return net(jnp.concatenate([z, per_row(extra, z.shape[0] // b)], axis=-1), t, context)
 
         return guided(eps_fn, cond, uncond, 5.0, True)(x, t)
 

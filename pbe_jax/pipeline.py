@@ -18,7 +18,7 @@ from flax import nnx
 
 from pbe_jax import images, parallel, storage
 from pbe_jax.convert import PaintByExampleModels, load
-from pbe_jax.diffusion import NoiseSchedule, guided, make_tables, sample
+from pbe_jax.diffusion import NoiseSchedule, guided, make_tables, per_row, sample
 from pbe_jax.models import Policy
 
 
@@ -254,7 +254,7 @@ def _generate(nets, image, keep, reference, z, seeds, tables, scale, *, conditio
 
     def eps_fn(x, t, context):
         reps = x.shape[0] // b
-        return unet(jnp.concatenate([x, jnp.tile(extra, (reps, 1, 1, 1))], axis=-1), t, context)
+        return unet(jnp.concatenate([x, per_row(extra, reps)], axis=-1), t, context)
 
     if condition == "uncond":
         cond = uncond

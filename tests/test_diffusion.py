@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, UniPCMultistepScheduler
 
-from pbe_jax.diffusion import NoiseSchedule, guided, make_tables, sample
+from pbe_jax.diffusion import NoiseSchedule, guided, make_tables, per_row, sample
 
 CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
               set_alpha_to_one=False, steps_offset=1)
@@ -88,22 +88,28 @@ def test_schedule_from_config_refuses_what_it_cannot_do():
         make_tables(NoiseSchedule(), "euler", 10)
 
 
-def test_guidance_one_call_on_the_concatenated_batch():
+def test_guidance_one_call_on_the_doubled_batch_grouped_per_sample():
     calls = []
+    extra = jnp.array([10.0, 20.0]).reshape(2, 1, 1, 1)
 
     def eps_fn(x, t, ctx):
         calls.append(x.shape[0])
-        return x * ctx[:, :, :1].reshape(-1, 1, 1, 1)
+        return (x + per_row(extra, x.shape[0] // 2)) * ctx[:, :, :1].reshape(-1, 1, 1, 1)
 
-    x = jnp.ones((2, 3, 3, 4))
-    cond, uncond = jnp.full((2, 1, 5), 2.0), jnp.full((2, 1, 5), 0.5)
+    x = jnp.arange(2.0).reshape(2, 1, 1, 1) * jnp.ones((2, 3, 3, 4))
+    cond = jnp.array([2.0, 3.0]).reshape(2, 1, 1) * jnp.ones((2, 1, 5))
+    uncond = jnp.full((2, 1, 5), 0.5)
     out = guided(eps_fn, cond, uncond, 5.0, True)(x, 10)
     assert calls == [4]
-    np.testing.assert_allclose(out, 0.5 + 5.0 * (2.0 - 0.5))
+    for i in range(2):  # each sample sees its own latents, its own extra inputs and its own condition
+        base = float(x[i, 0, 0, 0] + extra[i, 0, 0, 0])
+        np.testing.assert_allclose(out[i], base * (0.5 + 5.0 * (float(cond[i, 0, 0]) - 0.5)))
+    x = jnp.ones((2, 3, 3, 4))
+    cond, uncond = jnp.full((2, 1, 5), 2.0), jnp.full((2, 1, 5), 0.5)
     calls.clear()
     out = guided(eps_fn, cond, uncond, 1.0, False)(x, 10)
     assert calls == [2]
-    np.testing.assert_allclose(out, 2.0)
+    np.testing.assert_allclose(out[:, 0, 0, 0], [(1 + 10) * 2.0, (1 + 20) * 2.0])
 
 
 MULTISTEP = {"dpmpp_2m": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
