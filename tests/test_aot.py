@@ -141,12 +141,12 @@ def test_fsdp_gathers_each_weight_and_reduce_scatters_its_gradient():
 
 @pytest.fixture(scope="module")
 def data_mesh_report(tmp_path_factory):
-    """train.py --compile-only: the tiny config's step over a v5e 2x2 slice, data parallel, xla attention at
-    1024 latent tokens (where auto and splash take the kernel: the fsdp case)."""
+    """train.py --compile-only: the tiny config's step over a v5e 2x2 slice, data parallel, bf16 compute, xla
+    attention at 1024 latent tokens (where auto and splash take the kernel: the fsdp case)."""
     out = tmp_path_factory.mktemp("aot") / "data.json"
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", "tiny", "--workdir", "unused",
                            "--compile-only", "v5e-4", "--json", str(out), "model.attention=xla",
-                           "data.image_size=128"],
+                           "data.image_size=128", "model.dtype=bfloat16"],
                           capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fits" in proc.stdout and "Mosaic kernels" in proc.stdout
@@ -174,6 +174,10 @@ def test_train_step_on_a_data_mesh(data_mesh_report):
     assert r["flops_per_chip"] > 0 and r["roofline_s"] == pytest.approx(r["flops_per_chip"] / 197e12)
     assert r["samples_per_s_per_chip"] == pytest.approx(2 / r["roofline_s"])
     assert not [k for k in r["mosaic_kernels"] if k.startswith("splash")]  # xla attention: no splash kernel
+    # a bf16 step's products take bf16 operands: no float32 × bf16 product into float32 (the attention's
+    # query-key gradient was one), which a TPU runs at a fraction of the bf16 rate
+    mixed = {k: n for k, n in r["dtypes"].items() if "bf16,f32->f32" in k or "f32,bf16->f32" in k}
+    assert r["dtypes"]["convolution bf16,bf16->bf16"] > 100 and not mixed, r["dtypes"]
     assert r["collectives"]["all-reduce"]["count"] >= 1  # the gradients, summed over the data axis
     assert r["compile_s"] > 0
 

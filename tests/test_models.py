@@ -91,3 +91,42 @@ def test_vae_latent_scaling_roundtrip():
     z = jnp.arange(4.0)
     np.testing.assert_allclose(vae.scale(z), (z - 0.1) * 0.5)
     np.testing.assert_allclose(vae.unscale(vae.scale(z)), z, rtol=1e-6)
+
+
+def test_xla_attention_gradient_products_take_the_inputs_dtype():
+    """The query-key product's gradient (dq, dk) rounds the float32 cotangent to the inputs' dtype before its
+    products, as flash kernels do: no float32 × bf16 product in a bf16 backward pass; in float32 the gradient
+    is autodiff's of the plain product."""
+    from pbe_jax.models import attention
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(kk, (2, 64, 4, 16)) for kk in keys)
+
+    def plain(q, k, v):
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+        logits = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32) * 16 ** -0.5
+        return jnp.matmul(jax.nn.softmax(logits, axis=-1).astype(v.dtype), v).transpose(0, 2, 1, 3)
+
+    def grads(fn, *args):
+        return jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a).astype(jnp.float32))), argnums=(0, 1, 2))(*args)
+
+    with jax.default_matmul_precision("highest"):
+        for ours, ref in zip(grads(attention._xla_attention, q, k, v), grads(plain, q, k, v)):
+            np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    half = [t.astype(jnp.bfloat16) for t in (q, k, v)]
+    jaxpr = jax.make_jaxpr(lambda *a: grads(attention._xla_attention, *a))(*half)
+
+    def products(eqns):
+        for e in eqns:
+            if e.primitive.name == "dot_general":
+                yield tuple(str(x.aval.dtype) for x in e.invars)
+            for p in e.params.values():
+                inner = getattr(p, "jaxpr", None)
+                if inner is not None:
+                    yield from products(getattr(inner, "eqns", []))
+
+    found = list(products(jaxpr.jaxpr.eqns))
+    assert len(found) >= 6 and all(a == b == "bfloat16" for a, b in found), found
+    mixed = [pair for pair in products(jax.make_jaxpr(lambda *a: grads(plain, *a))(*half).jaxpr.eqns)
+             if len(set(pair)) > 1]
+    assert mixed  # what autodiff of the plain product gives: float32 cotangent × bf16 operand
