@@ -191,7 +191,8 @@ def _first_draws(ours: JaxSide, batch: dict, key, settings: Settings) -> dict:
     import jax
 
     d = ours.draws(batch, jax.random.fold_in(key, 0))
-    d["drop"] = np.arange(settings.batch) % 2 == 1  # both branches of the condition: the learnable vector gets a gradient
+    # both branches of the condition in the compared step: the learnable vector gets a gradient
+    d["drop"] = np.arange(settings.batch) % 2 == 1
     return d
 
 

@@ -295,7 +295,8 @@ class TrainingReference:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(image, draws)
         loss.backward()
-        return float(loss.detach()), {k: p.grad.detach().numpy() for k, p in self.trainable.items() if p.grad is not None}
+        return float(loss.detach()), {k: p.grad.detach().numpy() for k, p in self.trainable.items()
+                                      if p.grad is not None}
 
     def step(self, image, draws: dict) -> tuple[float, dict[str, Any]]:
         """One optimiser step: the loss and the gradients (before clipping) by parameter name, as numpy."""

@@ -72,7 +72,8 @@ def _logits(q: jax.Array, k: jax.Array) -> jax.Array:
     float32 × bf16 products (dq, dk) that a TPU runs at a fraction of the MXU's bf16 rate: the TPU compiler
     showed 12 such products in the full-size training step, the backward of the six self-attentions on
     `xla` (16² and 8² latents). Flash-attention kernels round the same cotangent (dS) to the inputs' dtype
-    before those products; so does this. In float32 it is the plain product's gradient (to rounding: the products are ordered differently)."""
+    before those products; so does this. In float32 it is the plain product's gradient (to rounding: the
+    products are ordered differently)."""
     return jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32)
 
 
