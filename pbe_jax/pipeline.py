@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -91,12 +91,21 @@ class PaintByExample:
         self.vae_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
         self.mesh = mesh
         graphdef = self.set_weights(models)
+        self._on_step = None  # the running call's progress callback (`generate(on_step=…)`)
 
-        def generate(state, *args, **kwargs):
+        def generate(state, *args, progress: bool = False, **kwargs):
             with parallel.abstract_mesh(mesh):
-                return _generate(nnx.merge(graphdef, state), *args, **kwargs)
+                return _generate(nnx.merge(graphdef, state), *args, on_step=self._step_done if progress else None,
+                                 **kwargs)
 
-        self._generate = jax.jit(generate, static_argnames=("condition", "sample_posterior", "draw_latents"))
+        self._generate = jax.jit(generate, static_argnames=("condition", "sample_posterior", "draw_latents",
+                                                            "progress"))
+
+    def _step_done(self, i, _) -> None:
+        """The host end of the sampler's per-step callback (one compiled program serves every call: the target
+        is looked up when it fires). Under a mesh a step may report once per device: `on_step` sees its count."""
+        if self._on_step is not None:
+            self._on_step(int(i) + 1)
 
     def set_weights(self, models: PaintByExampleModels) -> nnx.GraphDef:
         """Swap in networks of the same architecture (e.g. newer training weights) without recompiling;
@@ -141,22 +150,24 @@ class PaintByExample:
     def __call__(self, image, mask, reference, *, steps: int = 50, guidance_scale: float = 5.0, seed: int = 0,
                  latents: np.ndarray | None = None, sampler: str = "plms", height: int = 512, width: int = 512,
                  num_images_per_reference: int = 1, eta: float = 0.0, keep_unmasked: bool = False,
-                 sample_posterior: bool = True) -> np.ndarray:
+                 sample_posterior: bool = True, on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Edit: returns uint8 (B · num_images_per_reference, height, width, 3), the copies of one input
         consecutive. `latents`, if given, is the initial noise in diffusers' NCHW layout
         (B · n, 4, height/8, width/8), so that both pipelines can start from the same point.
         `keep_unmasked` pastes the source back outside the mask (feathered at the edge inside it).
         `sample_posterior=False` encodes the masked source with the posterior mean instead of a sample.
         `guidance_scale`: > 1 classifier-free guidance, (0, 1] the exemplar's condition alone, 0 the learned
-        unconditional vector alone (the reference is then ignored)."""
+        unconditional vector alone (the reference is then ignored). `on_step(done, total)` is called on the host
+        as the denoising steps finish (a separate compiled program, with one host callback per step)."""
         x = self.preprocess(image, mask, reference, height, width)
         return self.generate(x, steps=steps, guidance_scale=guidance_scale, seed=seed, latents=latents,
                              sampler=sampler, num_images_per_reference=num_images_per_reference, eta=eta,
-                             keep_unmasked=keep_unmasked, sample_posterior=sample_posterior)
+                             keep_unmasked=keep_unmasked, sample_posterior=sample_posterior, on_step=on_step)
 
     def generate(self, x: Inputs, *, steps: int = 50, guidance_scale: float = 5.0, seed: int | Sequence[int] = 0,
                  latents: np.ndarray | None = None, sampler: str = "plms", num_images_per_reference: int = 1,
-                 eta: float = 0.0, keep_unmasked: bool = False, sample_posterior: bool = True) -> np.ndarray:
+                 eta: float = 0.0, keep_unmasked: bool = False, sample_posterior: bool = True,
+                 on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
         """`__call__` on preprocessed inputs. Every output row draws its noise from its own key: row r from
         `seed` + r (or from `seed[r]` when a list is given), so an image's edit does not depend on the batch
         it is in, the device count, or padding."""
@@ -183,20 +194,28 @@ class PaintByExample:
             padded = parallel.pad_to_multiple(rows, self.mesh.size)
             batch = parallel.shard_batch(tuple(np.concatenate([a, np.repeat(a[-1:], padded - rows, axis=0)])
                                                for a in batch), self.mesh)
-        out = self._run(self._generate, batch, make_tables(self.schedule, sampler, steps, eta), guidance_scale,
-                        jnp.float32(guidance_scale), sample_posterior=sample_posterior, draw_latents=latents is None)
-        out = np.asarray(out)[:rows]
+        tables = make_tables(self.schedule, sampler, steps, eta)
+        total = len(tables.timestep)
+        self._on_step = None if on_step is None else (lambda done: on_step(done, total))
+        try:
+            out = self._run(self._generate, batch, tables, guidance_scale, jnp.float32(guidance_scale),
+                            sample_posterior=sample_posterior, draw_latents=latents is None,
+                            progress=on_step is not None)
+            out = np.asarray(out)[:rows]
+        finally:
+            self._on_step = None
         if keep_unmasked:
             out = np.stack([images.paste_back(s, o, 1.0 - k[..., 0])
                             for s, o, k in zip(rep(x.source_rgb), out, rep(x.keep))])
         return out
 
 
-    def _run(self, fn, batch, tables, guidance_scale: float, scale, *, sample_posterior: bool, draw_latents: bool):
+    def _run(self, fn, batch, tables, guidance_scale: float, scale, *, sample_posterior: bool, draw_latents: bool,
+             progress: bool = False):
         """The jitted generation (`fn`: it, or its `.lower`) on a placed batch (image, keep, reference, latents,
         seeds), with `scale` the traced value of `guidance_scale`."""
         return fn(self._state, *batch, tables, scale, condition=_condition(guidance_scale),
-                  sample_posterior=sample_posterior, draw_latents=draw_latents)
+                  sample_posterior=sample_posterior, draw_latents=draw_latents, progress=progress)
 
     def lower(self, batch_size: int, height: int, width: int, *, steps: int = 50, sampler: str = "plms",
               guidance_scale: float = 5.0, eta: float = 0.0, sample_posterior: bool = True) -> jax.stages.Lowered:
@@ -230,7 +249,7 @@ def _condition(guidance_scale: float) -> str:
 
 
 def _generate(nets, image, keep, reference, z, seeds, tables, scale, *, condition: str,
-              sample_posterior: bool, draw_latents: bool):
+              sample_posterior: bool, draw_latents: bool, on_step=None):
     """Everything after host preprocessing, traced once per shape: per-row keys, condition, masked-image
     latents, the sampler loop, decoding, uint8."""
     unet, vae, encoder = nets
@@ -258,7 +277,8 @@ def _generate(nets, image, keep, reference, z, seeds, tables, scale, *, conditio
 
     if condition == "uncond":
         cond = uncond
-    latents = sample(guided(eps_fn, cond, uncond, scale, condition == "guided"), z, tables, keys[:, 2])
+    latents = sample(guided(eps_fn, cond, uncond, scale, condition == "guided"), z, tables, keys[:, 2],
+                     on_step=on_step)
     decoded = vae.decode(vae.unscale(latents)).astype(jnp.float32)
     return jnp.round(jnp.clip(decoded / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
 

@@ -66,6 +66,22 @@ def test_seed_changes_the_edit_and_is_reproducible(pipes):
     assert np.abs(a.astype(int) - c.astype(int)).max() > 5
 
 
+def test_progress_per_step_changes_nothing(pipes):
+    """`on_step(done, total)` reports every denoising step once, in order, from a program that computes the same
+    edit bit for bit; afterwards the pipeline reports to no one."""
+    ours, _ = pipes("sd")
+    img, masks, refs = inputs(2, 32, 32)
+    seen = []
+    for sampler, steps, total in (("dpmpp_2m", 4, 4), ("plms", 4, 5)):  # PLMS's warm-up takes one row more
+        seen.clear()
+        with_progress = ours(img, masks, refs, steps=steps, sampler=sampler, height=32, width=32,
+                             on_step=lambda done, n: seen.append((done, n)))
+        assert seen == [(k, total) for k in range(1, total + 1)]
+        np.testing.assert_array_equal(with_progress, ours(img, masks, refs, steps=steps, sampler=sampler,
+                                                          height=32, width=32))
+    assert ours._on_step is None
+
+
 def test_scale_zero_ignores_the_exemplar(pipes):
     """Scale 0 conditions on the uncond vector alone: the reference no longer matters; at scale 1 it does."""
     ours, _ = pipes("sd")

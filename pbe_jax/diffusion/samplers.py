@@ -235,11 +235,13 @@ def make_tables(schedule: NoiseSchedule, sampler: str, steps: int, eta: float = 
 
 
 def sample(eps_fn: EpsFn, x: jax.Array, tables: Tables, key: jax.Array | None = None,
-           trajectory: bool = False) -> jax.Array:
+           trajectory: bool = False, on_step: Callable[[jax.Array, jax.Array], None] | None = None) -> jax.Array:
     """Run the whole reverse process from x_T (any shape) inside one `lax.scan` over `tables` (which may be
     traced: one compiled loop serves every guidance scale and η). `key` draws DDIM's η-noise: one key for
     the whole array, or one per row of x (shape (B,)) so that each row's noise is its own. `trajectory`
-    returns the sample after every row, stacked, instead of the last."""
+    returns the sample after every row, stacked, instead of the last. `on_step(i, value)`, if given, is called
+    on the host (`jax.debug.callback`) once row i's update is computed (`value`: one element of it, which
+    ties the call to the step's end); under a mesh it may be called once per device for the same i."""
     key = jax.random.key(0) if key is None else key
 
     def draw(i):
@@ -257,6 +259,8 @@ def sample(eps_fn: EpsFn, x: jax.Array, tables: Tables, key: jax.Array | None = 
         x0 = jnp.clip((y - jnp.sqrt(1 - r.alpha) * eps) / jnp.sqrt(r.alpha), -1, 1)
         y = jnp.where(r.clip_x0, jnp.sqrt(r.alpha) * x0 + jnp.sqrt(1 - r.alpha) * eps, y)
         x_next = r.a * y + r.w_new * m + jnp.tensordot(r.w, hist, axes=1) + r.c * draw(i)
+        if on_step is not None:
+            jax.debug.callback(on_step, i, x_next[(0,) * x_next.ndim])
         return (x_next, y, hist), (x_next if trajectory else None)
 
     x32 = x.astype(jnp.float32)
