@@ -14,8 +14,11 @@ are kept), and two things are measured:
   the noise level of t = 0 (ᾱ_0 = 0.99915, diffusers' set_alpha_to_one=False), DPM-Solver++ and UniPC go on
   to σ = 0 (their final_sigmas_type="zero") from t = 999 instead of 997, so their limit is DPM-Solver++ at
   250 steps.
-Writes WORK/quality_steps.json and prints a Markdown table, and for each sampler the fewest steps whose mean
-pixel distance to either reference is at most PLMS-50's.
+Writes WORK/quality_steps.json and WORK/quality_steps.png (the plot), and prints a Markdown table, and for each
+sampler the fewest steps whose mean pixel distance to either reference is at most PLMS-50's. The plot alone,
+again, from a JSON already written (the README's picture):
+
+    python bench/quality_steps.py --plot bench/results/quality_steps-cpu/quality_steps.json docs/quality_steps.png
 """
 from __future__ import annotations
 
@@ -65,8 +68,41 @@ def distances(folders: dict[str, Path], reference: Path, model: str) -> dict[str
     return out
 
 
+PANELS = (("to_own_limit_mean_abs_px", "mean |Δ| to the sampler's own limit (pixels, 0–255)"),
+          ("attr_all", "attribute score: shape, colour and pattern all right"),
+          ("clip_score", "CLIP score (region against the exemplar)"))
+LABELS = {"plms": "PLMS (the paper's)", "ddim": "DDIM", "dpmpp_2m": "DPM-Solver++ 2M (the default)", "unipc": "UniPC"}
+
+
+def plot(result: dict, out: Path) -> None:
+    """Quality against steps, one line per sampler, one panel per measure (matplotlib, from the JSON)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6), constrained_layout=True)
+    samplers = list(dict.fromkeys(r["sampler"] for r in result["rows"]))
+    for ax, (key, title) in zip(axes, PANELS):
+        for sampler in samplers:
+            rows = sorted((r for r in result["rows"] if r["sampler"] == sampler), key=lambda r: r["steps"])
+            ax.plot([r["steps"] for r in rows], [r[key] for r in rows], marker="o", label=LABELS.get(sampler, sampler))
+        if key != "to_own_limit_mean_abs_px":
+            ref = result["reference"]
+            ax.axhline(ref[key], color="grey", linestyle=":", label=f"DDIM-{ref['steps']}")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("denoising steps")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"The shipped model on {result['n']} held-out synthetic edits (bench/quality_steps.py)", fontsize=11)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="only draw the plot of a JSON already written")
     p.add_argument("--model", default=str(ROOT / "checkpoints" / "synthetic"))
     p.add_argument("--work", default="runs/quality_steps")
     p.add_argument("--n", type=int, default=100, help="benchmark items (default 100)")
@@ -77,6 +113,14 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=25)
     args = p.parse_args()
+    if args.plot:
+        source, png = map(Path, args.plot)
+        try:
+            plot(json.loads(source.read_text()), png)
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"--plot {source}: {e!r}")
+        print(f"wrote {png}")
+        return 0
     from pbe_jax.data import benchmark
 
     work = Path(args.work)
@@ -136,6 +180,7 @@ def main() -> int:
     result = {"model": args.model, "n": args.n, "seed": args.seed, "batch_size": args.batch_size, "rows": rows,
               "reference": ref_row, "solver_reference": solver_row, "fewest_steps_as_close_as_plms50": enough}
     (work / "quality_steps.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, work / "quality_steps.png")
 
     ref = f"DDIM-{args.reference_steps}"
     print(f"| sampler | steps | CLIP score | PSNR | SSIM | attr. all three | px to {ref} (mean abs.) | CLIP cos. to "
