@@ -8,3 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 pip install -q --no-deps pytorch-fid==0.3.0
 pip install -q --no-deps --upgrade --target .test-deps torchvision==0.28.0
+# The web app's browser tests drive Debian's chromium through Playwright (which downloads no browser here).
+if ! command -v chromium >/dev/null; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium >/dev/null
+fi
