@@ -37,7 +37,7 @@ DEFAULT_MODEL = ROOT / "checkpoints" / "synthetic"
 DEFAULT_EXAMPLE = ROOT / "examples" / "synthetic"
 DEFAULT_OUT = Path("out") / "edit.png"
 # DPM-Solver++ 2M at 20 steps: 2.5× fewer network calls than the paper's PLMS-50, with the same attribute score,
-# a CLIP score 0.6 lower and higher PSNR/SSIM on the synthetic benchmark (bench/quality_steps.py, README
+# a CLIP score 0.6 lower and higher PSNR/SSIM on the synthetic benchmark (bench/quality_steps.py, docs/sampling.md
 # "Samplers and steps"); `--sampler plms --steps 50` is the paper's setting.
 DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp_2m", 20
 GRID_HEIGHT = 256  # smaller edits are enlarged (whole pixels) in the grid, for looking at
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plms (the paper's, PNDM in diffusers), ddim, dpmpp_2m (DPM-Solver++ 2M) or unipc, each "
                         f"equal to the diffusers scheduler of that name (default {DEFAULT_SAMPLER}, with --steps "
                         f"{DEFAULT_STEPS}: 2.5x fewer network calls than PLMS-50 for nearly its scores; see the "
-                        "README)")
+                        "docs/sampling.md)")
     p.add_argument("--eta", type=at_least(0.0, float), default=0.0, help="DDIM η (default 0, deterministic; with --sampler ddim)")
     p.add_argument("--batch-size", type=at_least(1), default=8, help="images per step, split over all local devices")
     p.add_argument("--size", type=at_least(8), default=None,

@@ -49,7 +49,7 @@ class Section:
 
 
 # In order of value: the speed and memory targets first; full-size parity, already measured at 512² on the
-# CPU (README), then checks the GPU's kernels; the profile explains what is left.
+# CPU (docs/benchmarks.md), then checks the GPU's kernels; the profile explains what is left.
 SECTIONS = (
     Section("sample_jax", "JAX sampling: 50 PLMS steps and DPM-Solver++ 20, guidance 5, batch 1 and 16", 160, 300),
     Section("sample_torch", "diffusers PaintByExamplePipeline, fp16, same settings", 100, 240, torch=True),
@@ -67,7 +67,7 @@ BY_NAME = {s.name: s for s in SECTIONS}
 
 # The reference numbers in ../shared/anchors (one H100 80GB HBM3, 2026-11-24; logs named per row).
 # The multistep solver measured beside PLMS-50: sample.py's default setting (chosen from bench/quality_steps.py;
-# README "Samplers and steps").
+# docs/sampling.md "Samplers and steps").
 FAST_SAMPLER = ("dpmpp_2m", 20)
 
 ANCHORS = {

@@ -58,7 +58,8 @@ def main() -> int:
                          "per_step_s": round(per_step, 4), "overhead_ms_per_step": round(
                              (per_step - plain) / args.steps * 1e3, 3),
                          "overhead_fraction": round(per_step / plain - 1, 4),
-                         "run_to_run_spread_s": round(spread, 4), "min_s": {k: round(min(v), 4) for k, v in times.items()},
+                         "run_to_run_spread_s": round(spread, 4),
+                         "min_s": {k: round(min(v), 4) for k, v in times.items()},
                          "callbacks_per_call": len(calls) / (args.reps + 1)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(json.dumps({"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),

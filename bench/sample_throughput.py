@@ -7,7 +7,7 @@ Prints one JSON object: for each batch size, images/s and seconds per call for b
 ratio, the first call's time (compilation included) and peak device memory — for the paper's PLMS at
 `--steps` (50) and, in the same run, for each of `--samplers` at its own step count (by default DPM-Solver++ 2M
 and UniPC at 20 steps, sample.py's setting; bench/quality_steps.py measured no count up to 25 at which they
-are as close to their converged result as PLMS-50 is to its own, see the README), with each one's speed-up
+are as close to their converged result as PLMS-50 is to its own, see docs/sampling.md), with each one's speed-up
 over PLMS. The PyTorch pipeline runs in a
 subprocess (its own memory; JAX preallocates) on the same machine right after. Weights are random: at full
 size drawn with numpy on the host (a jitted random init of 860 M parameters compiles for minutes).

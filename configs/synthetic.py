@@ -17,7 +17,7 @@ bench/quality_synthetic.sh checkpoints/synthetic runs/quality no_mask_aug=runs/s
 no_ref_aug=runs/syn_no_ref_aug/fp16` puts them in the quality table.
 
 Images are 64² crops of 128² scenes (VAE f = 4: 16² latents); references 32² for a small ViT tower.
-The README's "synthetic world" section has the times these took and what the model scores.
+docs/synthetic.md has the times these took and what the model scores.
 """
 from pbe_jax.train.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 

@@ -38,6 +38,7 @@ DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_SCALE = "dpmpp_2m", 20, 5.0  # sample.py
 MAX_SIDE = 4096  # pixels: a larger upload is refused (decoding it alone would take hundreds of MB)
 MAX_FILE = "32mb"  # gradio refuses larger uploads before they reach the model
 MAX_IMAGES = 4
+PAINT = "#ff2d55"  # the brush's colour, at 65 % opacity: visible on white and on dark (the mask is its alpha)
 BRUSH = 8  # the brush's radius in the image's pixels (gradio's "auto" is 1/50 of the side: 1 pixel at 64²)
 MAX_WORKING_SIZE = 1024
 GRID_HEIGHT = 256  # sample.py's: small edits are enlarged (whole pixels) in the grid
@@ -74,7 +75,7 @@ def mask_from_layers(layers: list[np.ndarray], shape: tuple[int, int]) -> np.nda
     return mask.astype(np.float32)
 
 
-def mask_layer(mask: np.ndarray, colour=(255, 255, 255), opacity: int = 191) -> np.ndarray:
+def mask_layer(mask: np.ndarray, colour=(255, 45, 85), opacity: int = 166) -> np.ndarray:
     """A mask (white = replace) as an RGBA editor layer: `colour` at `opacity` where it is white."""
     from pbe_jax import images
 
@@ -263,11 +264,11 @@ def build(editor: Editor, examples: list[tuple[Path, Path, Path]] = (), *, max_q
                 painted = gr.ImageEditor(
                     label="Source: paint the region to replace", type="numpy", image_mode="RGBA",
                     sources=["upload", "clipboard"], format="png", layers=False, transforms=[],
-                    brush=gr.Brush(default_size=BRUSH, colors=[("#ffffff", 0.75)], color_mode="fixed"), eraser=gr.Eraser(),
-                    height=420, elem_id="source")
+                    brush=gr.Brush(default_size=BRUSH, colors=[(PAINT, 0.65)], color_mode="fixed"),
+                    eraser=gr.Eraser(), height=420, elem_id="source")
             with gr.Column():
-                reference = gr.Image(label="Exemplar", type="numpy", image_mode="RGB", sources=["upload", "clipboard"],
-                                     format="png", height=420, elem_id="reference")
+                reference = gr.Image(label="Exemplar", type="numpy", image_mode="RGB", format="png", height=420,
+                                     sources=["upload", "clipboard"], elem_id="reference")
         with gr.Accordion("Settings", open=False, elem_id="settings"):
             with gr.Row():
                 sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")
@@ -289,13 +290,16 @@ def build(editor: Editor, examples: list[tuple[Path, Path, Path]] = (), *, max_q
                      [gallery, grid], api_name=False, concurrency_id="device")
 
         with gr.Row(visible=False):  # the scripting endpoint: plain images and values in, the edit out
-            # files, read here: an upload that is no image gets this page's sentence, not gradio's preprocessing error
+            # files, read here: an upload that is no image gets this page's sentence, not gradio's preprocessing
+            # error; the labels name the endpoint's parameters
             api_in = [gr.File(label="source", type="filepath"), gr.File(label="mask", type="filepath"),
                       gr.File(label="reference", type="filepath"),
-                      gr.Number(value=DEFAULT_STEPS, precision=0), gr.Number(value=DEFAULT_SCALE),
-                      gr.Number(value=0, precision=0), gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER),
-                      gr.Checkbox(value=False)]
-            api_out = gr.Image(type="numpy", format="png")
+                      gr.Number(value=DEFAULT_STEPS, precision=0, label="steps"),
+                      gr.Number(value=DEFAULT_SCALE, label="guidance_scale"),
+                      gr.Number(value=0, precision=0, label="seed"),
+                      gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="sampler"),
+                      gr.Checkbox(value=False, label="keep_unmasked")]
+            api_out = gr.Image(type="numpy", format="png", label="edit")
             api_button = gr.Button()
         api_button.click(edit_api, api_in, api_out, api_name="edit", concurrency_id="device")
     demo.queue(default_concurrency_limit=1, max_size=max_queue)

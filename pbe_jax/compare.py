@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     p.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto", help="JAX attention backend")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--end-to-end", action="store_true",
-                   help="also compare whole pipelines (PLMS and DDIM; needs a folder: --diffusers or a tiny --random)")
+                   help="also compare whole pipelines (all four samplers; needs a folder: --diffusers or a tiny --random)")
     p.add_argument("--steps", type=int, default=None,
                    help="denoising steps for --end-to-end (default 10); training steps for --train (default 1: "
                         "one step; more: also the two loss curves)")

@@ -100,8 +100,8 @@ def server(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("app") / "app.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pbe_jax.app", "--port", str(port)], cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+        proc = subprocess.Popen([sys.executable, "-m", "pbe_jax.app", "--port", str(port)], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:

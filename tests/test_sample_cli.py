@@ -56,7 +56,7 @@ def test_samples_draw_several_seeds_into_one_grid(tiny_folder, tmp_path):
     edits = [np.asarray(Image.open(tmp_path / n)) for n in ("e.png", "e_1.png", "e_2.png")]
     assert not np.array_equal(edits[0], edits[1]) and not np.array_equal(edits[1], edits[2])
     assert sample.main([*args, "--out", str(tmp_path / "one.png"), "--seed", "6"]) == 0  # = the second of three
-    # up to the last bit of XLA's arithmetic, which can differ between a batch of 3 and of 1 (see the README)
+    # up to the last bit of XLA's arithmetic, which can differ between a batch of 3 and of 1 (see docs/sampling.md)
     one = np.asarray(Image.open(tmp_path / "one.png")).astype(int)
     assert np.abs(one - edits[1]).max() <= 1 and (one != edits[1]).mean() < 1e-3
     grid = np.asarray(Image.open(tmp_path / "e_grid.png"))
