@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,3 +179,25 @@ def test_variant_weights_fall_back_to_plain_ones_and_both_shard_index_spellings_
     assert find_weights(tmp_path).name == "model.safetensors"
     with pytest.raises(WeightsError, match="no weights"):
         find_weights(tmp_path / "nothing", "fp16")
+
+
+def test_the_convert_package_has_no_import_cycle():
+    """Each module of pbe_jax.convert imports only modules below it (formats.py is the one that knows both the
+    folder and the single-file readers)."""
+    import ast
+
+    folder = Path(__file__).resolve().parents[1] / "pbe_jax" / "convert"
+    modules = {p.stem: p for p in folder.glob("*.py")}
+    needs = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):  # module level and inside functions alike
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pbe_jax.convert"):
+                parts = node.module.split(".")
+                found |= {parts[2]} if len(parts) > 2 else {a.name for a in node.names if a.name in modules}
+        needs[name] = found - {name}
+
+    def reaches(start, goal, seen=()):
+        return any(d == goal or (d not in seen and reaches(d, goal, (*seen, d))) for d in needs.get(start, ()))
+
+    assert not [name for name in needs if reaches(name, name)], needs

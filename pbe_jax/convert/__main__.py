@@ -8,7 +8,7 @@ that the original code loads with no missing or unexpected weights. Every path m
 import argparse
 import sys
 
-from pbe_jax.convert.diffusers import convert
+from pbe_jax.convert.formats import convert
 from pbe_jax.convert.weights import WeightsError
 from pbe_jax.models.config import ConfigError
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 from pbe_jax import __version__, storage
 from pbe_jax.convert import mapping
-from pbe_jax.convert.weights import SINGLE_FILE_SUFFIXES, WeightsError, find_weights, load_file, save_safetensors
+from pbe_jax.convert.weights import WeightsError, find_weights, load_file, save_safetensors
 from pbe_jax.models import (AutoencoderKL, CLIPVisionConfig, ConfigError, PaintByExampleImageEncoder, Policy,
                             UNet2DConditionModel, UNetConfig, VAEConfig)
 from pbe_jax.storage import Path
@@ -155,15 +155,10 @@ def save_component(module: nnx.Module, folder: Path, name: str, *, format: str, 
         raise ValueError(f"format must be 'diffusers' or 'jax', not {format!r}")
 
 
-def load(folder: str | Path, *, policy: Policy = Policy(), variant: str | None = None,
-         ema: bool = True) -> PaintByExampleModels:
-    """A whole Paint-by-Example folder, diffusers format or this project's checkpoint, or a single file in the
-    original release's layout (`model.ckpt`, `.safetensors`; `ema`: its EMA weights when it has them)."""
+def load_folder(folder: str | Path, *, policy: Policy = Policy(), variant: str | None = None) -> PaintByExampleModels:
+    """A whole Paint-by-Example folder, diffusers format or this project's checkpoint (`convert.load` takes
+    single files too)."""
     folder = storage.path(folder)
-    if folder.suffix in SINGLE_FILE_SUFFIXES and not folder.is_dir():
-        from pbe_jax.convert.ldm_file import load_single_file  # (it builds on this module)
-
-        return load_single_file(folder, policy=policy, ema=ema)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
     index = folder / INDEX_FILE
@@ -195,15 +190,9 @@ def abstract(configs: dict, *, policy: Policy = Policy(), extra_configs: dict | 
     return PaintByExampleModels(**nets, extra_configs=dict(extra_configs or {}))
 
 
-def load_abstract(path: str | Path, *, policy: Policy = Policy()) -> PaintByExampleModels:
-    """`load(path)` with shapes only: a folder's configs are read and its weights never; a single file's
-    configs come from its tensors' shapes (so it is read, but no network is built from it)."""
+def load_folder_abstract(path: str | Path, *, policy: Policy = Policy()) -> PaintByExampleModels:
+    """`load_folder(path)` with shapes only: the folder's configs are read and its weights never."""
     path = storage.path(path)
-    if path.suffix in SINGLE_FILE_SUFFIXES and not path.is_dir():
-        from pbe_jax.convert.ldm_file import read_configs
-
-        configs, extras = read_configs(path)
-        return abstract(configs, policy=policy, extra_configs=extras)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such folder")
     configs = {name: read_config(path / name, name) for name in COMPONENTS}
@@ -236,26 +225,6 @@ def save(models: PaintByExampleModels, folder: str | Path, *, format: str, dtype
         (folder / CHECKPOINT_MARKER).unlink()
     write_json(folder / INDEX_FILE, index)  # last: its presence says the folder is complete
     return folder
-
-
-def convert(src: str | Path, dst: str | Path, *, to: str | None = None, variant: str | None = None,
-            dtype: str | None = None, ema: bool = True) -> str:
-    """Convert a model: a diffusers folder → this project's checkpoint, or back (`to` defaults to the other
-    one); a single file in the original's layout → this project's checkpoint (or `to="diffusers"`); any of
-    them → `to="ldm"`, a single file in the original's layout (`dst` ends in .safetensors or .ckpt). `dtype`
-    stores the weights in that type (e.g. "float16", half the size); `ema` picks a single file's EMA weights."""
-    src, dst = storage.path(src), storage.path(dst)
-    to = to or ("diffusers" if is_checkpoint(src) else "jax")
-    if (src if storage.is_remote(src) else src.resolve()) == (dst if storage.is_remote(dst) else dst.resolve()):
-        raise ValueError(f"source and destination are the same: {src}")
-    models = load(src, variant=variant, ema=ema)
-    if to == "ldm":
-        from pbe_jax.convert.ldm_file import save_ldm
-
-        save_ldm(models, dst, dtype=dtype)
-    else:
-        save_replacing(models, dst, format=to, dtype=dtype)
-    return to
 
 
 def save_replacing(models: PaintByExampleModels, folder: str | Path, *, format: str,

@@ -9,8 +9,8 @@ from flax import nnx
 
 from pbe_jax import storage
 from pbe_jax.convert import ldm_file, mapping
-from pbe_jax.convert.diffusers import (COMPONENTS, PaintByExampleModels, from_state_dict, load, load_component,
-                                       read_json)
+from pbe_jax.convert.diffusers import COMPONENTS, PaintByExampleModels, from_state_dict, load_component, read_json
+from pbe_jax.convert.formats import load
 from pbe_jax.convert.weights import WeightsError, find_weights, load_file
 from pbe_jax.models import CLIPVisionConfig, PaintByExampleImageEncoder, Policy, UNetConfig, VAEConfig
 from pbe_jax.storage import Path
