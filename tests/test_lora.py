@@ -1,0 +1,146 @@
+"""LoRA of the UNet (pbe_jax.lora): the targets, an adapter at its start computes the base model exactly, and
+the file in diffusers' SD LoRA layout: diffusers' UNet with it loaded through peft computes what our merged
+export computes, and what our JAX UNet with the adapter merged computes."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pbe_jax import lora
+from pbe_jax.convert import load, mapping, save
+from pbe_jax.convert.weights import save_safetensors
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_folder):
+    folder = tiny_folder("sd")
+    return folder, load(folder)
+
+
+def moved(adapter, seed=1, size=0.2):
+    """The adapter after some training: B no longer zero."""
+    rng = np.random.default_rng(seed)
+    return {n: {"A": f["A"], "B": rng.normal(0, size, f["B"].shape).astype(np.float32)} for n, f in adapter.items()}
+
+
+def test_targets_and_a_fresh_adapter_computes_the_base_exactly(tiny):
+    _, models = tiny
+    params = mapping.module_params(models.unet)
+    attention = lora.target_layers(params, lora.LoRAConfig(rank=2))
+    assert attention and all(n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or n.endswith("to_out.0")
+                             for n in attention)
+    assert all(".transformer_blocks." in n for n in attention)  # the attention of every transformer block
+    everything = lora.target_layers(params, lora.LoRAConfig(rank=2, targets=("attention", "proj", "ff", "conv")))
+    assert set(attention) < set(everything) and any(n.endswith("resnets.0.conv1") for n in everything)
+    with pytest.raises(lora.LoRAError, match="to_z names no layer"):
+        lora.target_layers(params, lora.LoRAConfig(rank=2, targets=("to_q", "to_z")))
+
+    cfg = lora.LoRAConfig(rank=3, alpha=6.0, targets=("attention", "conv"))
+    adapter = lora.init(params, cfg, seed=0)
+    name = next(n for n in adapter if n.endswith("attn1.to_q"))
+    fan_in = adapter[name]["A"].shape[1]
+    assert adapter[name]["A"].shape == (3, fan_in) and np.abs(adapter[name]["A"]).max() <= 1 / np.sqrt(fan_in)
+    assert all(not f["B"].any() for f in adapter.values())
+    merged = lora.merge(params, adapter, cfg.scale)
+    assert all(np.array_equal(merged[p], params[p]) for p in params)  # step 0 is the base model, bit for bit
+    assert lora.check(params, adapter) == 3
+    assert not all(np.array_equal(a, b) for a, b in zip(lora.merge(params, moved(adapter), 2.0).values(),
+                                                          params.values()))
+
+
+def test_the_peft_file_in_diffusers_equals_our_merged_export_and_our_unet(tiny, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from pbe_jax import compare as cmp
+
+    folder, _ = tiny
+    models = load(folder)
+    cfg = lora.LoRAConfig(rank=4, alpha=8.0, targets=("attention", "ff", "conv"))  # scale 2: alpha must be read
+    adapter = moved(lora.init(mapping.module_params(models.unet), cfg, seed=0))
+    path = lora.save_peft(adapter, cfg, tmp_path / "lora")
+    assert path.name == "pytorch_lora_weights.safetensors"
+
+    lora.apply(models.unet, adapter, cfg.scale)
+    save(models, tmp_path / "merged", format="diffusers")
+
+    rng = np.random.default_rng(0)
+    unet_config = UNet2DConditionModel.load_config(folder / "unet")
+    x = rng.standard_normal((2, unet_config["in_channels"], 16, 16)).astype(np.float32)
+    t = np.array([10, 700])
+    ctx = rng.standard_normal((2, 1, unet_config["cross_attention_dim"])).astype(np.float32)
+
+    def run(unet):
+        with torch.no_grad():
+            out = unet(torch.from_numpy(x), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(ctx))
+        return out.sample.numpy()
+
+    adapted = UNet2DConditionModel.from_pretrained(folder / "unet")
+    base_out = run(adapted)
+    # diffusers reads the rank and alpha from the file's metadata when given the folder and the file's name (given
+    # the file's path alone it assumes alpha = rank: right for the default alpha, not for this one)
+    adapted.load_lora_adapter(str(path.parent), weight_name=path.name, prefix="unet")
+    assert adapted.peft_config["default_0"].lora_alpha == 8.0
+    theirs = run(adapted)
+    exported = run(UNet2DConditionModel.from_pretrained(tmp_path / "merged" / "unet"))
+    ours = np.asarray(cmp.jitted(models.unet, lambda m, *a: m(*a))(x.transpose(0, 2, 3, 1), t, ctx))
+    ours = ours.transpose(0, 3, 1, 2)
+
+    rel = lambda a, b: np.abs(a - b).max() / np.abs(b).max()  # noqa: E731
+    assert rel(theirs, base_out) > 1e-2  # the adapter matters
+    assert rel(exported, theirs) <= 1e-5
+    assert rel(ours, theirs) <= 1e-5
+
+    back, cfg_back, other = lora.load_peft(tmp_path / "lora")
+    assert (cfg_back.rank, cfg_back.alpha, other) == (4, 8.0, []) and back.keys() == adapter.keys()
+    assert all(np.array_equal(back[n][k], adapter[n][k]) for n in adapter for k in "AB")
+
+
+def test_files_made_elsewhere_and_mistakes(tiny, tmp_path):
+    _, models = tiny
+    params = mapping.module_params(models.unet)
+    adapter = moved(lora.init(params, lora.LoRAConfig(rank=2), seed=0))
+    name = sorted(adapter)[0]
+    tensors = {f"unet.{n}.lora_{k}.weight": f[k] for n, f in adapter.items() for k in "AB"}
+    # kohya-style per-layer alpha and a text-encoder adapter beside it, no metadata
+    extra = {f"unet.{n}.alpha": np.array(1.0, np.float32) for n in adapter}
+    extra["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = np.zeros((2, 8), np.float32)
+    save_safetensors({**tensors, **extra}, tmp_path / "other.safetensors")
+    back, cfg, other = lora.load_peft(tmp_path / "other.safetensors")
+    assert cfg.alpha == 1.0 and cfg.scale == 0.5
+    assert other == ["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"]
+    # no alpha at all: diffusers' assumption, alpha = rank
+    save_safetensors(tensors, tmp_path / "plain.safetensors")
+    assert lora.load_peft(tmp_path / "plain.safetensors")[1].scale == 1.0
+
+    wrong = dict(tensors)
+    wrong[f"unet.{name}.lora_A.weight"] = np.zeros((2, 5), np.float32)
+    save_safetensors(wrong, tmp_path / "wrong.safetensors")
+    with pytest.raises(lora.LoRAError, match=f"{name}: lora_A \\(2, 5\\) and lora_B .* do not fit the layer"):
+        lora.check(params, lora.load_peft(tmp_path / "wrong.safetensors")[0])
+    ranks = dict(tensors)
+    ranks[f"unet.{name}.lora_A.weight"] = np.zeros((3, adapter[name]["A"].shape[1]), np.float32)
+    ranks[f"unet.{name}.lora_B.weight"] = np.zeros((adapter[name]["B"].shape[0], 3), np.float32)
+    save_safetensors(ranks, tmp_path / "ranks.safetensors")
+    with pytest.raises(lora.LoRAError, match="needs one rank, this one has \\[2, 3\\]"):
+        lora.load_peft(tmp_path / "ranks.safetensors")
+    save_safetensors({"unet.nowhere.to_q.lora_A.weight": np.zeros((2, 4), np.float32),
+                      "unet.nowhere.to_q.lora_B.weight": np.zeros((4, 2), np.float32)}, tmp_path / "alien.safetensors")
+    with pytest.raises(lora.LoRAError, match="nowhere.to_q: no such layer in this UNet"):
+        lora.check(params, lora.load_peft(tmp_path / "alien.safetensors")[0])
+    save_safetensors({"text_encoder.x.lora_A.weight": np.zeros((2, 4), np.float32)}, tmp_path / "te.safetensors")
+    with pytest.raises(lora.LoRAError, match="no UNet LoRA factors .* start with text_encoder"):
+        lora.load_peft(tmp_path / "te.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 12)
+    with pytest.raises(lora.LoRAError, match="not a safetensors LoRA file"):
+        lora.load_peft(tmp_path / "junk.safetensors")
+    meta = json.loads(_metadata(lora.save_peft(adapter, lora.LoRAConfig(rank=2, alpha=4), tmp_path / "m.safetensors")))
+    assert meta["unet.r"] == 2 and meta["unet.lora_alpha"] == 4.0
+    assert sorted(meta["unet.target_modules"]) == sorted(adapter)
+
+
+def _metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return f.metadata()[lora.METADATA_KEY]
