@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model folder, checkpoint, the original release's single file (model.ckpt, .safetensors), "
                         "or Hub repository id (default: the shipped synthetic model, "
                         f"{DEFAULT_MODEL.relative_to(ROOT)})")
+    p.add_argument("--lora", metavar="FILE",
+                   help="a UNet LoRA adapter in diffusers' layout (pytorch_lora_weights.safetensors, or its folder), "
+                        "merged into the model's weights")
+    p.add_argument("--lora-scale", type=at_least(0.0, float), default=1.0,
+                   help="the adapter's strength, times its alpha / rank (default 1)")
     p.add_argument("--image", help="source image (one edit)")
     p.add_argument("--mask", help="mask image, white = edit (one edit)")
     p.add_argument("--reference", help="exemplar image (one edit)")
@@ -116,6 +121,8 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None):
         p.error("--batch needs --out, the results folder")
     if args.batch and args.samples != 1:
         p.error("--samples is for one edit only")
+    if args.lora_scale != 1.0 and not args.lora:
+        p.error("--lora-scale needs --lora")
     if args.eta and args.sampler != "ddim":
         p.error(f"--eta is DDIM's; give --sampler ddim (the {args.sampler} sampler has no η)")
     if (args.distributed or args.shard) and not args.batch:
@@ -144,8 +151,9 @@ def main(argv=None) -> int:
     if args.distributed:
         parallel.initialize_distributed()  # before anything touches a device
     try:
-        pipe = PaintByExample.from_pretrained(args.pretrained, dtype=args.dtype, mesh=parallel.data_mesh())
-    except (OSError, ValueError) as e:  # missing folder or file, unreachable bucket, weights or config errors
+        pipe = PaintByExample.from_pretrained(args.pretrained, dtype=args.dtype, mesh=parallel.data_mesh(),
+                                              lora=args.lora, lora_scale=args.lora_scale)
+    except (OSError, ValueError) as e:  # missing folder or file, unreachable bucket, weights, config or LoRA errors
         print(f"error: {e}", file=sys.stderr)
         return 1
     size = args.size or pipe.default_size

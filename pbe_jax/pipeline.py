@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -118,14 +119,25 @@ class PaintByExample:
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, *, dtype=None, attention: str = "auto",
                         variant: str | None = None, mesh: jax.sharding.Mesh | None = None,
-                        ema: bool = True) -> "PaintByExample":
+                        ema: bool = True, lora: str | os.PathLike | None = None,
+                        lora_scale: float = 1.0) -> "PaintByExample":
         """`path_or_repo`: a Paint-by-Example folder (diffusers layout or this project's checkpoint), a single file
         in the original release's layout (`model.ckpt`, `.safetensors`; `ema`: its EMA weights when it has
         them), or a Hub repository id. `dtype` is the compute dtype (default: bfloat16 on accelerators, float32
-        on CPU); parameters are float32. `attention`: "auto", "xla" or "cudnn"."""
+        on CPU); parameters are float32. `attention`: "auto", "xla" or "cudnn". `lora`: a UNet LoRA file in
+        diffusers' layout (or a folder holding pytorch_lora_weights.safetensors), merged into the UNet's weights
+        at `lora_scale` times its alpha / rank; keys that are not UNet LoRA factors are reported (a warning)."""
+        from pbe_jax import lora as lora_lib
+
         policy = Policy(dtype=jnp.dtype(dtype or default_dtype(mesh)), attention_backend=attention)
-        return cls(load(resolve_pretrained(path_or_repo, variant=variant), policy=policy, variant=variant, ema=ema),
-                   mesh=mesh)
+        models = load(resolve_pretrained(path_or_repo, variant=variant), policy=policy, variant=variant, ema=ema)
+        if lora is not None:
+            adapter, cfg, other = lora_lib.load_peft(lora)
+            if other:
+                warnings.warn(f"{lora}: {len(other)} keys are not UNet LoRA factors and were not used: "
+                              f"{', '.join(other[:5])}{', …' if len(other) > 5 else ''}", stacklevel=2)
+            lora_lib.apply(models.unet, adapter, cfg.scale * lora_scale)
+        return cls(models, mesh=mesh)
 
     @property
     def default_size(self) -> int:

@@ -144,3 +144,40 @@ def _metadata(path):
 
     with safe_open(str(path), framework="numpy") as f:
         return f.metadata()[lora.METADATA_KEY]
+
+
+def test_an_adapter_used_without_merging_by_the_pipeline_and_sample_py(tmp_path):
+    """PaintByExample.from_pretrained(base, lora=FILE, lora_scale=S) and sample.py --lora FILE --lora-scale S
+    edit as the folder with the adapter merged at S · alpha / rank does, bit for bit; a bad file is one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    from pbe_jax.pipeline import PaintByExample
+
+    root = Path(__file__).resolve().parents[1]
+    shipped, example = root / "checkpoints" / "synthetic", root / "examples" / "synthetic"
+    models = load(shipped)
+    cfg = lora.LoRAConfig(rank=2, alpha=4.0)
+    adapter = moved(lora.init(mapping.module_params(models.unet), cfg, seed=3), size=0.05)
+    path = lora.save_peft(adapter, cfg, tmp_path / "adapter")
+    lora.apply(models.unet, adapter, cfg.scale * 0.5)
+    save(models, tmp_path / "merged", format="jax")
+
+    inputs = [np.asarray(Image.open(example / f"{n}.png")) for n in ("source", "mask", "reference")]
+    kw = dict(steps=4, sampler="ddim", height=64, width=64, seed=5)
+    with_lora = PaintByExample.from_pretrained(shipped, lora=path, lora_scale=0.5)(*inputs, **kw)
+    np.testing.assert_array_equal(with_lora, PaintByExample.from_pretrained(tmp_path / "merged")(*inputs, **kw))
+    assert not np.array_equal(with_lora, PaintByExample.from_pretrained(shipped)(*inputs, **kw))
+
+    run = lambda *a: subprocess.run([sys.executable, str(root / "sample.py"), *a], capture_output=True,  # noqa: E731
+                                    text=True, cwd=root)
+    r = run("--lora", str(tmp_path / "adapter"), "--lora-scale", "0.5", "--steps", "4", "--sampler", "ddim",
+            "--seed", "5", "--out", str(tmp_path / "out.png"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")), with_lora[0])
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    r = run("--lora", str(tmp_path / "bad.safetensors"))
+    assert r.returncode == 1 and "not a safetensors LoRA file" in r.stderr and "Traceback" not in r.stderr
