@@ -19,7 +19,9 @@ import json
 import math
 from typing import Any, Mapping
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from pbe_jax import storage
 from pbe_jax.convert import mapping
@@ -75,7 +77,7 @@ def target_layers(unet_params: Mapping[tuple, Any], cfg: LoRAConfig) -> dict[str
     suffixes = cfg.suffixes()
     found = {}
     for path, value in unet_params.items():
-        if path[-1] != "kernel" or np.ndim(value) not in (2, 4):
+        if path[-1] != "kernel" or len(value.shape) not in (2, 4):
             continue
         name = _module_name(path)
         if any(name == s or name.endswith("." + s) for s in suffixes):
@@ -96,13 +98,14 @@ def _in_out(kernel_shape: tuple) -> tuple[int, int, tuple]:
 
 def init(unet_params: Mapping[tuple, Any], cfg: LoRAConfig, seed: int = 0) -> Adapter:
     """A fresh adapter as peft draws one: A from kaiming_uniform(a=√5), i.e. U(±1/√fan_in), B zeros; so the
-    adapted model computes exactly the base model until B moves. numpy, on the host, float32."""
+    adapted model computes exactly the base model until B moves. numpy, on the host, float32. The UNet's
+    parameters are only read for their shapes (arrays or jax.ShapeDtypeStruct)."""
     if cfg.rank < 1:
         raise LoRAError(f"model.lora.rank must be at least 1 to adapt, not {cfg.rank}")
     rng = np.random.default_rng(seed)
     out = {}
     for name, path in sorted(target_layers(unet_params, cfg).items()):
-        fan_in_ch, out_ch, spatial = _in_out(np.shape(unet_params[path]))
+        fan_in_ch, out_ch, spatial = _in_out(tuple(unet_params[path].shape))
         fan_in = fan_in_ch * math.prod(spatial)
         bound = 1.0 / math.sqrt(fan_in)
         a = rng.uniform(-bound, bound, (cfg.rank, fan_in_ch, *spatial)).astype(np.float32)
@@ -164,7 +167,6 @@ def apply(unet, adapter: Adapter, scale: float) -> None:
     """Merge `adapter` into the UNet module's weights in place (W + scale · B·A, computed in float32 on the
     host, stored in the weight's dtype); `scale` = alpha / rank × any strength."""
     import jax
-    from flax import nnx
 
     flat = dict(nnx.to_flat_state(nnx.state(unet, nnx.Param)))
     kernels = {p: np.asarray(jax.device_get(v.get_value())) for p, v in flat.items() if p[-1] == "kernel"}
@@ -173,6 +175,37 @@ def apply(unet, adapter: Adapter, scale: float) -> None:
     merged = merge({p: kernels[p].astype(np.float32) for p in targets}, adapter, scale)
     nnx.update(unet, nnx.from_flat_state([(p, flat[p].replace(jax.device_put(merged[p].astype(kernels[p].dtype))))
                                           for p in sorted(targets, key=str)]))
+
+
+class Factors(nnx.Module):
+    """An adapter as parameters of a module (`factors[name]["A" | "B"]`), so that the trainer's state, optimiser,
+    EMA, sharding and checkpoints treat it as any other trainable part."""
+
+    def __init__(self, adapter: Adapter):
+        self.factors = nnx.Dict({name: nnx.Dict({k: nnx.Param(jnp.asarray(f[k])) for k in ("A", "B")})
+                                 for name, f in sorted(adapter.items())})
+
+    def adapter(self) -> Adapter:
+        return {name: {k: f[k].get_value() for k in ("A", "B")} for name, f in self.factors.items()}
+
+
+def merge_state(frozen, params, scale: float):
+    """The trainer's frozen state (an nnx.State holding unet.…) with the adapter in `params` (lora.factors.…)
+    merged into the UNet's kernels: W + scale · B·A, the product in float32, stored back in W's dtype. Functional
+    (new variables, nothing mutated), so the train step calls it inside its jit and its gradient."""
+    factors = {}
+    for path, v in nnx.to_flat_state(params):
+        if path[:2] == ("lora", "factors"):
+            factors.setdefault(path[2], {})[path[3]] = v.get_value()
+    out = []
+    for path, v in nnx.to_flat_state(frozen):
+        name = _module_name(path[1:]) if path[0] == "unet" and path[-1] == "kernel" else None
+        if name in factors:
+            w, f = v.get_value(), factors[name]
+            d = mapping.to_flax_layout(path, delta(f["A"].astype(jnp.float32), f["B"].astype(jnp.float32)))
+            v = v.replace((w.astype(jnp.float32) + scale * d).astype(w.dtype))
+        out.append((path, v))
+    return nnx.from_flat_state(out)
 
 
 # ---- files ----------------------------------------------------------------------------------------------
@@ -262,6 +295,4 @@ def _read(path: storage.Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 
 def _xp(a):
-    import jax.numpy as jnp
-
     return np if isinstance(a, np.ndarray) else jnp

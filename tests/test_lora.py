@@ -181,3 +181,68 @@ def test_an_adapter_used_without_merging_by_the_pipeline_and_sample_py(tmp_path)
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
     r = run("--lora", str(tmp_path / "bad.safetensors"))
     assert r.returncode == 1 and "not a safetensors LoRA file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_lora_training_starts_at_the_base_moves_only_the_adapter_and_exports_both_ways(tmp_path):
+    """train.py model.lora.rank=R: the first step's loss is the base model's, bit for bit; only the adapter's
+    factors change (the whole base is frozen, here stored in bf16); the export is the merged folder and
+    lora/pytorch_lora_weights.safetensors, which PaintByExample.from_pretrained(base, lora=…) reads back into
+    the same model."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from pbe_jax import parallel
+    from pbe_jax.pipeline import PaintByExample
+    from pbe_jax.train import config as config_lib
+    from pbe_jax.train.loop import build_models, build_trainer, make_loader
+    from pbe_jax.train.step import StepConfig, loss_fn
+    from pbe_jax.diffusion import NoiseSchedule
+
+    micro = ["data.size=64", "data.image_size=32", "data.batch_size=4", "optim.warmup_steps=1", "optim.lr=1e-2",
+             "cond_drop=0.0", "model.dtype=float32"]
+    base_cfg = config_lib.override(config_lib.load("tiny"), micro)
+    cfg = config_lib.override(base_cfg, ["model.lora.rank=4", "model.lora.alpha=8",
+                                         "model.lora.targets=['attention','ff']"])
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    models = build_models(base_cfg)
+    base = build_trainer(base_cfg, models=build_models(base_cfg), mesh=mesh)
+    trainer = build_trainer(cfg, models=models, mesh=mesh)
+    names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainer.state.params)}
+    assert names and all(n.startswith("lora.factors.") and n.endswith((".A", ".B")) for n in names)
+    frozen = {".".join(map(str, p)).split(".")[0] for p, _ in nnx.to_flat_state(trainer.state.frozen)}
+    assert frozen == {"unet", "vae", "image_encoder"}  # the whole base model
+    small = build_trainer(config_lib.override(cfg, ["model.frozen_dtype=bfloat16"]), models=build_models(base_cfg),
+                          mesh=mesh)
+    assert {x.dtype for x in jax.tree.leaves(small.state.frozen)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(small.state.params)} == {jnp.dtype(jnp.float32)}
+
+    with make_loader(cfg, seed=0) as loader:
+        batch = jax.tree.map(jnp.asarray, next(loader))
+    key = jax.random.key(7)
+    loss = lambda t, scale: jax.jit(lambda p, f: loss_fn(p, f, t.graphdef, batch, key, NoiseSchedule(),  # noqa: E731
+                                                         StepConfig(cond_drop=0.0, lora_scale=scale)))(
+        t.state.params, t.state.frozen)
+    assert float(loss(trainer, 2.0)) == float(loss(base, 0.0))  # B = 0: the base model exactly
+    frozen0 = jax.tree.map(np.asarray, trainer.state.frozen)
+    params0 = dict(nnx.to_flat_state(jax.tree.map(np.asarray, trainer.state.params)))
+    for _ in range(3):
+        trainer.state, metrics = trainer.step_fn(trainer.state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, np.asarray(b)), frozen0, trainer.state.frozen))
+    moved_b = [p for p, v in nnx.to_flat_state(trainer.state.params)
+               if p[-1] == "B" and not np.array_equal(params0[p].get_value(), np.asarray(v.get_value()))]
+    assert moved_b
+    assert float(loss(trainer, 2.0)) != float(loss(base, 0.0))
+
+    trainer.export(tmp_path / "export")
+    assert (tmp_path / "export" / "lora" / lora.FILE_NAME).is_file()
+    adapter, file_cfg, other = lora.load_peft(tmp_path / "export" / "lora")
+    assert (file_cfg.rank, file_cfg.alpha, other) == (4, 8.0, [])
+    save(trainer.models().__class__(models.unet, models.vae, models.image_encoder, dict(trainer.extra_configs)),
+         tmp_path / "base", format="diffusers")  # the base, as the run started from it
+    merged = PaintByExample.from_pretrained(tmp_path / "export")
+    via_file = PaintByExample.from_pretrained(tmp_path / "base", lora=tmp_path / "export" / "lora")
+    for (path, a), b in zip(mapping.module_params(merged.models.unet).items(),
+                            mapping.module_params(via_file.models.unet).values()):
+        np.testing.assert_array_equal(a, b, err_msg=str(path))

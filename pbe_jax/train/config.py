@@ -11,6 +11,21 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRASettings:
+    """model.lora: low-rank adaptation of the UNet (pbe_jax.lora). rank 0: off (model.trainable trains). With a
+    rank, only the adapter trains: the whole base model is frozen (stored in model.frozen_dtype)."""
+
+    rank: int = 0
+    alpha: float = 0.0  # 0: the rank (scale alpha / rank = 1, which any reader of the file assumes)
+    targets: tuple = ("to_q", "to_k", "to_v", "to_out.0")  # or groups: attention, proj, ff, conv
+
+    def config(self):
+        from pbe_jax.lora import LoRAConfig
+
+        return LoRAConfig(rank=self.rank, alpha=self.alpha or None, targets=tuple(self.targets))
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     # "sd" (SD v1.x: sd_folder or sd_file, + a CLIP vision folder), "pbe" (a Paint-by-Example pbe_folder or the
     # original release's pbe_file), "components" (pretrained vae/ and image_encoder/ component folders, UNet
@@ -34,6 +49,7 @@ class ModelConfig:
     frozen_dtype: str = "float32"  # storage of the frozen VAE and CLIP tower ("bfloat16" halves it)
     remat: bool = False  # recompute each UNet block in the backward pass
     attention: str = "auto"
+    lora: LoRASettings = LoRASettings()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pbe_jax import convert, parallel, storage
+from pbe_jax import convert, lora, parallel, storage
 from pbe_jax.batch import save_png
 from pbe_jax.convert import init as initialise
 from pbe_jax.convert.diffusers import read_config, read_json
@@ -111,14 +111,43 @@ class Trainer:
     extra_configs: dict
     sampler: Any = None  # the PaintByExample that draws sample grids
 
-    def models(self, use_ema: bool = True) -> convert.PaintByExampleModels:
+    def models(self, use_ema: bool = True, nets=None) -> convert.PaintByExampleModels:
         """The trained models. With a mesh over several processes the weights are first gathered onto each
         process's own device, so that one process can sample or export alone; that gather is a collective,
         so every process must call this."""
+        nets = nets if nets is not None else self._nets(use_ema)
+        if hasattr(nets, "lora"):  # the adapter merged into the UNet: the model it trains
+            lora.apply(nets.unet, self.adapter(use_ema, nets), self.cfg.model.lora.config().scale)
+        return convert.PaintByExampleModels(nets.unet, nets.vae, nets.image_encoder, dict(self.extra_configs))
+
+    def adapter(self, use_ema: bool = True, nets=None) -> "lora.Adapter | None":
+        """The trained LoRA adapter (numpy, float32), or None when the run trains no adapter. Like `models`, a
+        collective."""
+        nets = nets if nets is not None else self._nets(use_ema)
+        if not hasattr(nets, "lora"):
+            return None
+        return {n: {k: np.asarray(v, np.float32) for k, v in f.items()} for n, f in nets.lora.adapter().items()}
+
+    def _nets(self, use_ema: bool):
         params = self.state.ema if (use_ema and self.state.ema is not None) else self.state.params
         params, frozen = parallel.gather((params, self.state.frozen), self.mesh)
-        nets = nnx.merge(self.graphdef, params, frozen)
-        return convert.PaintByExampleModels(nets.unet, nets.vae, nets.image_encoder, dict(self.extra_configs))
+        return nnx.merge(self.graphdef, params, frozen)
+
+    def export(self, out: PathLike) -> None:
+        """The trained model as a diffusers folder at `out` (replaced whole, once complete); with LoRA, the
+        adapter merged, and the adapter itself in `out`/lora/pytorch_lora_weights.safetensors (diffusers' SD
+        LoRA layout). A collective: every process calls it, process 0 writes."""
+        nets = self._nets(True)
+        adapter = self.adapter(True, nets)
+        models = self.models(True, nets)
+
+        def write(target):
+            if adapter is not None:
+                lora.save_peft(adapter, self.cfg.model.lora.config(), storage.path(target) / "lora")
+            convert.save(models, target, format="diffusers")  # the index file last
+
+        if jax.process_index() == 0:
+            storage.replace_folder(out, write)
 
 
 def build_trainer(cfg: TrainConfig, models: convert.PaintByExampleModels | None = None,
@@ -178,7 +207,11 @@ def _trainer(cfg: TrainConfig, models: convert.PaintByExampleModels, mesh: jax.s
     jitted step; with `abstract` the state is shapes only (`jax.eval_shape`), otherwise placed on the mesh."""
     mesh = mesh or parallel.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
     models.unet.remat = cfg.model.remat
-    graphdef, params, frozen = train_state.split(models, cfg.model.trainable)
+    adapter, trainable = None, cfg.model.trainable
+    if cfg.model.lora.rank:  # only the adapter trains; drawn on the host from the UNet's shapes
+        shapes = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(models.unet, nnx.Param))}
+        adapter, trainable = lora.init(shapes, cfg.model.lora.config(), seed=cfg.seed), ("lora",)
+    graphdef, params, frozen = train_state.split(models, trainable, adapter)
     optimizer = train_state.make_optimizer(cfg.optim)
     frozen_dtype = jnp.dtype(cfg.model.frozen_dtype)
 
@@ -355,9 +388,7 @@ def train(cfg: TrainConfig, workdir: PathLike, *, resume: bool = False, progress
     if preempted is not None:
         raise Preempted(preempted, str(workdir / "checkpoints"))
     if cfg.export:
-        models = trainer.models()  # on every process (a collective); process 0 writes
-        if lead:
-            convert.save_replacing(models, workdir / "export", format="diffusers")
+        trainer.export(workdir / "export")  # on every process (a collective); process 0 writes
     return metrics
 
 
@@ -386,7 +417,5 @@ def export_checkpoint(workdir: PathLike, step: int | None = None, out: PathLike 
     finally:
         ckpt.close()
     out = storage.path(out) if out is not None else workdir / ("export" if step == steps[-1] else f"export_{step}")
-    models = trainer.models()  # on every process (a collective); process 0 writes
-    if jax.process_index() == 0:
-        convert.save_replacing(models, out, format="diffusers")
+    trainer.export(out)  # on every process (a collective); process 0 writes
     return step, out

@@ -15,10 +15,15 @@ from pbe_jax.train.config import OptimConfig
 
 
 class Nets(nnx.Module):
-    """The three networks under one root, so parameter paths read unet.…, vae.…, image_encoder.…"""
+    """The three networks under one root, so parameter paths read unet.…, vae.…, image_encoder.…, and a LoRA
+    adapter of the UNet (lora.factors.…) when one trains."""
 
-    def __init__(self, models: PaintByExampleModels):
+    def __init__(self, models: PaintByExampleModels, adapter=None):
         self.unet, self.vae, self.image_encoder = models.unet, models.vae, models.image_encoder
+        if adapter is not None:
+            from pbe_jax.lora import Factors
+
+            self.lora = Factors(adapter)
 
 
 def trainable_filter(prefixes: tuple[str, ...]):
@@ -51,10 +56,11 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm > 0 else adamw
 
 
-def split(models: PaintByExampleModels, trainable: tuple[str, ...]):
+def split(models: PaintByExampleModels, trainable: tuple[str, ...], adapter=None):
     """graphdef, trainable params, frozen params (as stored in the models; the trainer casts them to
-    model.frozen_dtype). Raises if a prefix selects nothing (a typo would silently freeze the model otherwise)."""
-    nets = Nets(models)
+    model.frozen_dtype). Raises if a prefix selects nothing (a typo would silently freeze the model otherwise).
+    With a LoRA `adapter` (pbe_jax.lora), it joins the networks as `lora`."""
+    nets = Nets(models, adapter)
     graphdef, params, frozen = nnx.split(nets, trainable_filter(trainable), ...)
     flat = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(params)]
     for prefix in trainable:

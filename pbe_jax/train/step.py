@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from pbe_jax import parallel
+from pbe_jax import lora, parallel
 from pbe_jax.data import augment
 from pbe_jax.diffusion import NoiseSchedule
 from pbe_jax.train.state import TrainState
@@ -26,10 +26,14 @@ class StepConfig:
     bezier_mask_p: float = 0.5
     reference_augment: bool = True
     dtype: str = "float32"  # the UNet's compute dtype (model.dtype)
+    lora_scale: float = 0.0  # with a LoRA adapter (model.lora.rank): alpha / rank, merged into the UNet
 
     @classmethod
     def from_train_config(cls, cfg) -> "StepConfig":
-        return cls(**{f.name: getattr(cfg.model if f.name == "dtype" else cfg, f.name) for f in dataclasses.fields(cls)})
+        lora = cfg.model.lora
+        scale = lora.config().scale if lora.rank else 0.0
+        return cls(**{f.name: getattr(cfg.model if f.name == "dtype" else cfg, f.name)
+                      for f in dataclasses.fields(cls) if f.name != "lora_scale"}, lora_scale=scale)
 
 
 def _unet_matrix(path: str, x) -> bool:
@@ -103,7 +107,10 @@ def loss_given(params, frozen, graphdef, image: jax.Array, draws: dict, schedule
     """ε-MSE of one step given its draws (the original's `p_losses` with the simple L2 loss: the mean over
     every latent element; its logvar is 0 and its ELBO weight 0, so nothing else enters)."""
     params = parallel.gather_params(params, jnp.dtype(cfg.dtype), _unet_matrix)
-    nets = nnx.merge(graphdef, params, parallel.gather_params(frozen))
+    frozen = parallel.gather_params(frozen)
+    if cfg.lora_scale:  # the adapter's B·A into the frozen UNet's weights (at step 0, B = 0: the base exactly)
+        frozen = lora.merge_state(frozen, params, cfg.lora_scale)
+    nets = nnx.merge(graphdef, params, frozen)
     x, t, cond, noise = inputs(nets, image, draws, schedule)
     eps = nets.unet(x, t, cond).astype(jnp.float32)
     return jnp.mean(jnp.square(eps - noise))
