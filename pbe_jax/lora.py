@@ -36,6 +36,11 @@ TARGET_GROUPS = {
     "conv": ("conv1", "conv2"),  # the ResNet blocks' 3×3 convolutions
 }
 DEFAULT_TARGETS = TARGET_GROUPS["attention"]
+# Parts of the base model that may train beside the adapter (`model.lora.train`), saved whole beside it.
+PARTS = {"conv_in": ("unet.conv_in",),
+         "bottleneck": ("image_encoder.mapper", "image_encoder.final_layer_norm", "image_encoder.proj_out",
+                        "image_encoder.uncond_vector")}
+PARTS_FILE = "pbe_trained_parts.safetensors"  # beside FILE_NAME: component-prefixed PyTorch names
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 FILE_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 PREFIX = "unet"
@@ -229,6 +234,65 @@ def save_peft(adapter: Adapter, cfg: LoRAConfig, path: storage.PathLike) -> stor
                 "format": "pt"}
     save_safetensors(tensors, path, metadata)
     return path
+
+
+def part_prefixes(parts: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise LoRAError(f"model.lora.train: {', '.join(unknown)} is not a part that trains beside an adapter "
+                        f"(choose from {', '.join(PARTS)})")
+    return tuple(prefix for p in parts for prefix in PARTS[p])
+
+
+def save_parts(models, parts: tuple[str, ...], folder: storage.PathLike) -> storage.Path | None:
+    """The parts that trained beside the adapter (`model.lora.train`), whole, as `folder`/PARTS_FILE with
+    component-prefixed PyTorch names (unet.conv_in.weight, image_encoder.mapper.…); None when there are none."""
+    prefixes = part_prefixes(parts)
+    if not prefixes:
+        return None
+    tensors = {}
+    for component, module in models.components().items():
+        for path, value in mapping.module_params(module).items():
+            dotted = f"{component}.{mapping.flax_name(path)}"
+            if any(dotted == p or dotted.startswith(p + ".") for p in prefixes):
+                tensors[f"{component}.{mapping.torch_name(path)}"] = np.ascontiguousarray(
+                    mapping.to_torch_layout(path, value))
+    out = storage.path(folder) / PARTS_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(tensors, out, {"format": "pt", "parts": ",".join(parts)})
+    return out
+
+
+def load_parts(models, path: storage.PathLike) -> list[str]:
+    """Put the parts saved by `save_parts` into `models` (in place); returns their names. LoRAError naming the
+    tensor when one does not fit."""
+    from flax import nnx
+
+    tensors, _ = _read(storage.path(path))
+    names = []
+    for component, module in models.components().items():
+        flat = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
+        by_torch = {mapping.torch_name(p): p for p in flat}
+        updates = []
+        for key, value in tensors.items():
+            if not key.startswith(component + "."):
+                continue
+            p = by_torch.get(key.removeprefix(component + "."))
+            if p is None:
+                raise LoRAError(f"{path}: {key} names no parameter of this model")
+            new = mapping.to_flax_layout(p, value)
+            old = flat[p].get_value()
+            if tuple(new.shape) != tuple(old.shape):
+                raise LoRAError(f"{path}: {key} is {tuple(value.shape)}, the model's "
+                                f"{mapping.torch_shape(p, old.shape)}")
+            updates.append((p, flat[p].replace(jnp.asarray(np.asarray(new).astype(old.dtype)))))
+            names.append(key)
+        if updates:
+            nnx.update(module, nnx.from_flat_state(updates))
+    unknown = sorted(k for k in tensors if k.split(".")[0] not in models.components())
+    if unknown:
+        raise LoRAError(f"{path}: {unknown[0]} is no part of a Paint-by-Example model")
+    return sorted(names)
 
 
 def check_ranks(adapter: Adapter) -> int:

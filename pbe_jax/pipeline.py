@@ -126,7 +126,8 @@ class PaintByExample:
         them), or a Hub repository id. `dtype` is the compute dtype (default: bfloat16 on accelerators, float32
         on CPU); parameters are float32. `attention`: "auto", "xla" or "cudnn". `lora`: a UNet LoRA file in
         diffusers' layout (or a folder holding pytorch_lora_weights.safetensors), merged into the UNet's weights
-        at `lora_scale` times its alpha / rank; keys that are not UNet LoRA factors are reported (a warning)."""
+        at `lora_scale` times its alpha / rank; keys that are not UNet LoRA factors are reported (a warning). The
+        parts trained beside it, when its folder holds them (`lora.PARTS_FILE`), replace the base's."""
         from pbe_jax import lora as lora_lib
 
         policy = Policy(dtype=jnp.dtype(dtype or default_dtype(mesh)), attention_backend=attention)
@@ -137,6 +138,10 @@ class PaintByExample:
                 warnings.warn(f"{lora}: {len(other)} keys are not UNet LoRA factors and were not used: "
                               f"{', '.join(other[:5])}{', …' if len(other) > 5 else ''}", stacklevel=2)
             lora_lib.apply(models.unet, adapter, cfg.scale * lora_scale)
+            lora_path = storage.path(lora)
+            parts = (lora_path if lora_path.is_dir() else lora_path.parent) / lora_lib.PARTS_FILE
+            if parts.is_file():  # conv_in / bottleneck trained beside the adapter (model.lora.train)
+                lora_lib.load_parts(models, parts)
         return cls(models, mesh=mesh)
 
     @property

@@ -35,6 +35,8 @@ def test_targets_and_a_fresh_adapter_computes_the_base_exactly(tiny):
     assert set(attention) < set(everything) and any(n.endswith("resnets.0.conv1") for n in everything)
     with pytest.raises(lora.LoRAError, match="to_z names no layer"):
         lora.target_layers(params, lora.LoRAConfig(rank=2, targets=("to_q", "to_z")))
+    with pytest.raises(lora.LoRAError, match="vae is not a part that trains beside an adapter"):
+        lora.part_prefixes(("conv_in", "vae"))
 
     cfg = lora.LoRAConfig(rank=3, alpha=6.0, targets=("attention", "conv"))
     adapter = lora.init(params, cfg, seed=0)
@@ -203,15 +205,17 @@ def test_lora_training_starts_at_the_base_moves_only_the_adapter_and_exports_bot
              "cond_drop=0.0", "model.dtype=float32"]
     base_cfg = config_lib.override(config_lib.load("tiny"), micro)
     cfg = config_lib.override(base_cfg, ["model.lora.rank=4", "model.lora.alpha=8",
-                                         "model.lora.targets=['attention','ff']"])
+                                         "model.lora.targets=['attention','ff']", "model.lora.train=['bottleneck']"])
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
     models = build_models(base_cfg)
     base = build_trainer(base_cfg, models=build_models(base_cfg), mesh=mesh)
     trainer = build_trainer(cfg, models=models, mesh=mesh)
     names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainer.state.params)}
-    assert names and all(n.startswith("lora.factors.") and n.endswith((".A", ".B")) for n in names)
+    adapter_names = {n for n in names if n.startswith("lora.factors.")}
+    assert adapter_names and all(n.endswith((".A", ".B")) for n in adapter_names)
+    assert names - adapter_names == {n for n in names if n.startswith(lora.PARTS["bottleneck"])}  # and the bottleneck
     frozen = {".".join(map(str, p)).split(".")[0] for p, _ in nnx.to_flat_state(trainer.state.frozen)}
-    assert frozen == {"unet", "vae", "image_encoder"}  # the whole base model
+    assert frozen == {"unet", "vae", "image_encoder"}  # the rest of the base model
     small = build_trainer(config_lib.override(cfg, ["model.frozen_dtype=bfloat16"]), models=build_models(base_cfg),
                           mesh=mesh)
     assert {x.dtype for x in jax.tree.leaves(small.state.frozen)} == {jnp.dtype(jnp.bfloat16)}
@@ -237,15 +241,20 @@ def test_lora_training_starts_at_the_base_moves_only_the_adapter_and_exports_bot
 
     trainer.export(tmp_path / "export")
     assert (tmp_path / "export" / "lora" / lora.FILE_NAME).is_file()
+    assert (tmp_path / "export" / "lora" / lora.PARTS_FILE).is_file()
     adapter, file_cfg, other = lora.load_peft(tmp_path / "export" / "lora")
     assert (file_cfg.rank, file_cfg.alpha, other) == (4, 8.0, [])
     save(trainer.models().__class__(models.unet, models.vae, models.image_encoder, dict(trainer.extra_configs)),
          tmp_path / "base", format="diffusers")  # the base, as the run started from it
     merged = PaintByExample.from_pretrained(tmp_path / "export")
     via_file = PaintByExample.from_pretrained(tmp_path / "base", lora=tmp_path / "export" / "lora")
-    for (path, a), b in zip(mapping.module_params(merged.models.unet).items(),
-                            mapping.module_params(via_file.models.unet).values()):
-        np.testing.assert_array_equal(a, b, err_msg=str(path))
+    for component in ("unet", "image_encoder"):
+        ours, theirs = (mapping.module_params(getattr(p.models, component)) for p in (merged, via_file))
+        for path, a in ours.items():
+            np.testing.assert_array_equal(a, theirs[path], err_msg=f"{component} {path}")
+    key = ("proj_out", "kernel")  # the bottleneck trained beside the adapter
+    assert not np.array_equal(mapping.module_params(merged.models.image_encoder)[key],
+                              mapping.module_params(models.image_encoder)[key])
 
 
 def test_lora_run_preempted_then_resumed_equals_an_uninterrupted_one(tmp_path):

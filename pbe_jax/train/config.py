@@ -18,6 +18,9 @@ class LoRASettings:
     rank: int = 0
     alpha: float = 0.0  # 0: the rank (scale alpha / rank = 1, which any reader of the file assumes)
     targets: tuple = ("to_q", "to_k", "to_v", "to_out.0")  # or groups: attention, proj, ff, conv
+    # also trained, whole, beside the adapter: "conv_in" (the UNet's 9-channel input convolution), "bottleneck"
+    # (mapper, LayerNorm, projection, uncond vector); saved in the export's lora/ folder and merged into it
+    train: tuple = ()
 
     def config(self):
         from pbe_jax.lora import LoRAConfig

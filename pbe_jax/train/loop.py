@@ -144,6 +144,7 @@ class Trainer:
         def write(target):
             if adapter is not None:
                 lora.save_peft(adapter, self.cfg.model.lora.config(), storage.path(target) / "lora")
+                lora.save_parts(models, tuple(self.cfg.model.lora.train), storage.path(target) / "lora")
             convert.save(models, target, format="diffusers")  # the index file last
 
         if jax.process_index() == 0:
@@ -210,7 +211,8 @@ def _trainer(cfg: TrainConfig, models: convert.PaintByExampleModels, mesh: jax.s
     adapter, trainable = None, cfg.model.trainable
     if cfg.model.lora.rank:  # only the adapter trains; drawn on the host from the UNet's shapes
         shapes = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(models.unet, nnx.Param))}
-        adapter, trainable = lora.init(shapes, cfg.model.lora.config(), seed=cfg.seed), ("lora",)
+        adapter = lora.init(shapes, cfg.model.lora.config(), seed=cfg.seed)
+        trainable = ("lora", *lora.part_prefixes(tuple(cfg.model.lora.train)))
     graphdef, params, frozen = train_state.split(models, trainable, adapter)
     optimizer = train_state.make_optimizer(cfg.optim)
     frozen_dtype = jnp.dtype(cfg.model.frozen_dtype)
