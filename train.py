@@ -4,6 +4,9 @@
     python train.py --config sd14 --workdir runs/sd14 \\
         model.sd_folder=/data/stable-diffusion-v1-4 model.clip_folder=/data/clip-vit-large-patch14 \\
         data.source=tfds data.name=open_images_v4       # (model.sd_file=sd-v1-4.ckpt: an SD v1 single file)
+    python train.py --config sd14 --workdir runs/lora model.init=pbe model.pbe_folder=/data/Paint-by-Example \\
+        model.lora.rank=16 data.source=folder data.folder=/data/mine   # LoRA on your own images (with
+                                                                         # boxes): only the adapter trains
     python train.py --config tiny --workdir runs/tiny --resume           # continue after an interruption
     python train.py --workdir runs/tiny --export                         # a diffusers folder from the
     python train.py --workdir runs/tiny --export 2000                    # latest checkpoint, or step 2000
@@ -16,7 +19,8 @@ Overrides are KEY=VALUE with dotted keys into the config (values are Python lite
 data.batch_size=32, optim.lr=2e-5, model.remat=True, mesh_fsdp=8, steps=1000, ... Named configs live
 in configs/; `--show-config` prints the resolved one. The run writes, under --workdir (a local folder or
 gs://bucket/...): checkpoints/ (orbax, last N, resumable), metrics.jsonl, tensorboard/, samples/ (grids every
-sample_every steps) and export/ (a diffusers folder at the end).
+sample_every steps) and export/ (a diffusers folder at the end; with model.lora.rank, the adapter merged, and
+export/lora/pytorch_lora_weights.safetensors, the adapter in diffusers' layout).
 
 --compile-only TOPOLOGY compiles the step this exact command would run for a TPU slice (v5e-8, v5p-64,
 v4-8, v6e-16, v5e:2x4, ...; `--slices N` for a multislice run) on this machine, with libtpu (the [tpu] extra),
