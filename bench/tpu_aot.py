@@ -55,7 +55,7 @@ def cases() -> dict[str, list[str]]:
                                                 f"data.batch_size={batch}", "model.remat=False",
                                                 "model.frozen_dtype=bfloat16", *settings]
     for topo in TRAIN:
-        for per_chip in (4, 16, 32, 64, 128, 256):  # a batch that does not fit is refused in seconds
+        for per_chip in (4, 16, 32, 64, 128, 256, 512):  # a batch that does not fit is refused in seconds
             for sampler, steps in (("plms", 50), ("dpmpp_2m", 20)):
                 out[f"sample-{topo}-b{per_chip}-{sampler}{steps}"] = [
                     "sample", "--topology", topo, "--config", "sd14", "--batch-size", str(per_chip * CHIPS[topo]),

@@ -142,11 +142,12 @@ def test_fsdp_gathers_each_weight_and_reduce_scatters_its_gradient():
 @pytest.fixture(scope="module")
 def data_mesh_report(tmp_path_factory):
     """train.py --compile-only: the tiny config's step over a v5e 2x2 slice, data parallel, bf16 compute, xla
-    attention at 1024 latent tokens (where auto and splash take the kernel: the fsdp case)."""
+    attention, at the config's 64² (256 latent tokens: the TPU compile takes about half the time it takes at
+    128², where auto and splash would take the kernel: the fsdp case)."""
     out = tmp_path_factory.mktemp("aot") / "data.json"
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", "tiny", "--workdir", "unused",
                            "--compile-only", "v5e-4", "--json", str(out), "model.attention=xla",
-                           "data.image_size=128", "model.dtype=bfloat16"],
+                           "model.dtype=bfloat16"],
                           capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fits" in proc.stdout and "Mosaic kernels" in proc.stdout
@@ -154,11 +155,23 @@ def data_mesh_report(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fsdp_report(tmp_path_factory):
-    """Two v5e 2x2 slices, fsdp 4 within a slice and data across them, splash at 1024 latent tokens."""
+def short_splash():
+    """splash, and auto's choice of it on a TPU, from 256 tokens instead of splash.MIN_LENGTH (1024): the tiny and
+    shipped models then take the kernel at 64² (16² latents), where their TPU compiles take a fraction of the
+    time they take at 128²."""
+    from pbe_jax.models import splash
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(splash, "MIN_LENGTH", 256)
+        yield
+
+
+@pytest.fixture(scope="module")
+def fsdp_report(tmp_path_factory, short_splash):
+    """Two v5e 2x2 slices, fsdp 4 within a slice and data across them, splash at 256 latent tokens."""
     out = tmp_path_factory.mktemp("aot") / "fsdp.json"
     code = aot.main(["train", "--topology", "v5e-4", "--slices", "2", "--config", "tiny", "--json", str(out),
-                     "mesh_fsdp=4", "data.image_size=128", "data.batch_size=8", "model.attention=splash"])
+                     "mesh_fsdp=4", "data.batch_size=8", "model.attention=splash"])
     assert code == 0
     return json.loads(out.read_text())
 
@@ -197,12 +210,12 @@ def test_fsdp_over_two_slices_shards_the_state_and_runs_splash_through_mosaic(da
     assert r["flops_detail"]["mosaic_kernels"] > 0
 
 
-def test_sampler_of_the_shipped_model(tmp_path):
-    """sample.py's whole generation for the shipped model at 128² (1024 latent tokens: auto takes splash on
-    a TPU), its scan's FLOPs counted per step."""
+def test_sampler_of_the_shipped_model(tmp_path, short_splash):
+    """sample.py's whole generation for the shipped model at 64² (256 latent tokens: with short_splash, auto
+    takes splash on a TPU), its scan's FLOPs counted per step."""
     out = tmp_path / "sample.json"
     code = aot.main(["sample", "--topology", "v5e-4", "--pretrained", str(SHIPPED), "--batch-size", "6",
-                     "--size", "128", "--steps", "20", "--sampler", "ddim", "--attention", "auto",
+                     "--size", "64", "--steps", "20", "--sampler", "ddim", "--attention", "auto",
                      "--json", str(out)])
     assert code == 0
     r = json.loads(out.read_text())

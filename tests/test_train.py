@@ -311,23 +311,28 @@ def preempted_step(stdout: str) -> int:
 FOREVER = ["steps=1000", "ckpt_every=8", "sample_every=0"]
 
 
+LORA = ["model.lora.rank=2", "model.lora.alpha=4"]
+
+
 def test_killed_then_preempted_in_a_bucket_resumes_bit_identically(bucket_dir, tmp_path):
     """train.py --workdir gs://…: SIGKILL after a checkpoint; --resume from the bucket, SIGTERM twice (the second
     during the save): a checkpoint at the interrupted step, exit 0, the resume command; --resume to the end and
-    the export in the bucket equal an uninterrupted run bit for bit."""
+    the export in the bucket equal an uninterrupted run bit for bit. With LoRA on (model.lora.rank): the adapter
+    is part of the checkpointed state, and the adapter file of the export is bit-identical too (full
+    fine-tuning is resumed by the two-process test below)."""
     from pbe_jax import storage
 
     run = str(bucket_dir / "run")
-    proc = run_train(run, *FOREVER, wait=False)
+    proc = run_train(run, *LORA, *FOREVER, wait=False)
     wait_for(f"{run}/checkpoints/8/commit_success.txt", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     from pbe_jax.train.loop import train
 
     with pytest.raises(FileExistsError, match="already has checkpoints; pass --resume"):  # nothing touched
-        train(micro_config(*FOREVER), run)
+        train(micro_config(*LORA, *FOREVER), run)
 
-    proc = run_train(run, *FOREVER, "--resume", wait=False)
+    proc = run_train(run, *LORA, *FOREVER, "--resume", wait=False)
     wait_for(f"{run}/checkpoints/16/commit_success.txt", proc)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
@@ -344,14 +349,19 @@ def test_killed_then_preempted_in_a_bucket_resumes_bit_identically(bucket_dir, t
     assert metrics[-1]["step"] == step  # the metrics in the bucket reach the checkpoint
 
     end = f"steps={step + 3}"
-    resumed = run_train(run, end, "ckpt_every=8", "sample_every=0", "--resume")
+    resumed = run_train(run, *LORA, end, "ckpt_every=8", "sample_every=0", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from step {step}" in resumed.stdout
     assert f"config differs from the one saved with step {step}: steps: 1000 → {step + 3}" in resumed.stdout
-    whole = run_train(tmp_path / "whole", end, "ckpt_every=1000", "sample_every=0")
+    whole = run_train(tmp_path / "whole", *LORA, end, "ckpt_every=1000", "sample_every=0")
     assert whole.returncode == 0, whole.stderr[-3000:]
     storage.refresh(run)
     assert_same_params(final_params(tmp_path / "whole"), final_params_of(f"{run}/export"))
+    from pbe_jax import lora
+
+    a, b = (lora.load_peft(f"{folder}/export/lora")[0] for folder in (run, tmp_path / "whole"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[n][k], b[n][k]) for n in a for k in "AB")
+    assert any(b[n]["B"].any() for n in b)  # the adapter trained
     # TensorBoard: one event file per session in the bucket, complete records, the last one at the last step.
     events = sorted(storage.names(f"{run}/tensorboard"))
     assert len(events) == 3 and all(name.startswith("events.out.tfevents.") for name in events)
