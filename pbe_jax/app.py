@@ -66,12 +66,9 @@ def mask_from_layers(layers: list[np.ndarray], shape: tuple[int, int]) -> np.nda
     mask = np.zeros(shape, bool)
     for layer in layers:
         a = np.asarray(layer)
-        if a.ndim != 3 or a.shape[-1] != 4:
-            continue
-        painted = (a[..., 3] >= 128).astype(np.uint8) * 255
-        if painted.shape != shape:
-            painted = images.resize_mask(painted.astype(np.float32) / 255.0, shape) * 255
-        mask |= painted >= 128
+        if a.ndim == 3 and a.shape[-1] == 4:
+            painted = (a[..., 3] >= 128).astype(np.float32)
+            mask |= (painted if painted.shape == shape else images.resize_mask(painted, shape)) >= 0.5
     return mask.astype(np.float32)
 
 

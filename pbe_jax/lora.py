@@ -120,29 +120,30 @@ def init(unet_params: Mapping[tuple, Any], cfg: LoRAConfig, seed: int = 0) -> Ad
 
 
 def delta(a, b):
-    """B·A in PyTorch's weight layout: (out, in) for linear factors, (out, in, kh, kw) for convolution ones."""
-    xp = _xp(a)
+    """B·A in PyTorch's weight layout: (out, in) for linear factors, (out, in, kh, kw) for convolution ones
+    (numpy or jax arrays alike)."""
     if a.ndim == 2:
         return b @ a
-    return xp.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
+    return (b[:, :, 0, 0] @ a.reshape(a.shape[0], -1)).reshape(b.shape[0], *a.shape[1:])
+
+
+def merged(path: tuple, w, a, b, scale: float):
+    """One kernel W (flax layout, at `path`) with its factors merged: W + scale · B·A, computed in float32 and
+    stored back in W's dtype. The one formula of both merges: on the host (`merge`, `apply`) and inside the
+    train step's jit (`merge_state`)."""
+    d = mapping.to_flax_layout(path, delta(a.astype(np.float32), b.astype(np.float32)))
+    return (w.astype(np.float32) + scale * d).astype(w.dtype)
 
 
 def merge(unet_params: Mapping[tuple, Any], adapter: Adapter, scale: float) -> dict[tuple, Any]:
-    """The UNet's parameters (flax layout, keyed by path) with each adapted kernel W + scale · B·A; works on
-    numpy and on traced jax arrays alike (the train step merges inside its jit). `scale`: alpha / rank, times
-    any extra strength."""
+    """The UNet's parameters (flax layout, keyed by path; numpy) with each adapted kernel merged (`merged`),
+    after `check`; `scale`: alpha / rank, times any extra strength."""
+    check(unet_params, adapter)
     by_name = {_module_name(p): p for p in unet_params if p[-1] == "kernel"}
     out = dict(unet_params)
-    for name, factors in adapter.items():
-        path = by_name.get(name)
-        if path is None:
-            raise LoRAError(f"the adapter has {name}, which this UNet does not have")
-        w = unet_params[path]
-        d = mapping.to_flax_layout(path, delta(factors["A"], factors["B"]))
-        if tuple(d.shape) != tuple(np.shape(w)):
-            raise LoRAError(f"{name}: the adapter's B·A is {mapping.torch_shape(path, d.shape)}, the layer's weight "
-                            f"{mapping.torch_shape(path, np.shape(w))}")
-        out[path] = w + (scale * d).astype(w.dtype)
+    for name, f in adapter.items():
+        path = by_name[name]
+        out[path] = merged(path, unet_params[path], f["A"], f["B"], scale)
     return out
 
 
@@ -169,17 +170,15 @@ def check(unet_params: Mapping[tuple, Any], adapter: Adapter) -> int:
 
 
 def apply(unet, adapter: Adapter, scale: float) -> None:
-    """Merge `adapter` into the UNet module's weights in place (W + scale · B·A, computed in float32 on the
-    host, stored in the weight's dtype); `scale` = alpha / rank × any strength."""
+    """Merge `adapter` into the UNet module's weights in place, on the host (`merge`); `scale` = alpha / rank ×
+    any strength."""
     import jax
 
     flat = dict(nnx.to_flat_state(nnx.state(unet, nnx.Param)))
     kernels = {p: np.asarray(jax.device_get(v.get_value())) for p, v in flat.items() if p[-1] == "kernel"}
-    check(kernels, adapter)
-    targets = {p for p in kernels if _module_name(p) in adapter}
-    merged = merge({p: kernels[p].astype(np.float32) for p in targets}, adapter, scale)
-    nnx.update(unet, nnx.from_flat_state([(p, flat[p].replace(jax.device_put(merged[p].astype(kernels[p].dtype))))
-                                          for p in sorted(targets, key=str)]))
+    new = merge(kernels, adapter, scale)
+    nnx.update(unet, nnx.from_flat_state([(p, flat[p].replace(jax.device_put(new[p])))
+                                          for p in kernels if _module_name(p) in adapter]))
 
 
 class Factors(nnx.Module):
@@ -206,9 +205,7 @@ def merge_state(frozen, params, scale: float):
     for path, v in nnx.to_flat_state(frozen):
         name = _module_name(path[1:]) if path[0] == "unet" and path[-1] == "kernel" else None
         if name in factors:
-            w, f = v.get_value(), factors[name]
-            d = mapping.to_flax_layout(path, delta(f["A"].astype(jnp.float32), f["B"].astype(jnp.float32)))
-            v = v.replace((w.astype(jnp.float32) + scale * d).astype(w.dtype))
+            v = v.replace(merged(path, v.get_value(), factors[name]["A"], factors[name]["B"], scale))
         out.append((path, v))
     return nnx.from_flat_state(out)
 
@@ -266,7 +263,7 @@ def save_parts(models, parts: tuple[str, ...], folder: storage.PathLike) -> stor
 def load_parts(models, path: storage.PathLike) -> list[str]:
     """Put the parts saved by `save_parts` into `models` (in place); returns their names. LoRAError naming the
     tensor when one does not fit."""
-    from flax import nnx
+    import jax
 
     tensors, _ = _read(storage.path(path))
     names = []
@@ -285,7 +282,7 @@ def load_parts(models, path: storage.PathLike) -> list[str]:
             if tuple(new.shape) != tuple(old.shape):
                 raise LoRAError(f"{path}: {key} is {tuple(value.shape)}, the model's "
                                 f"{mapping.torch_shape(p, old.shape)}")
-            updates.append((p, flat[p].replace(jnp.asarray(np.asarray(new).astype(old.dtype)))))
+            updates.append((p, flat[p].replace(jax.device_put(np.asarray(new).astype(old.dtype)))))
             names.append(key)
         if updates:
             nnx.update(module, nnx.from_flat_state(updates))
@@ -356,7 +353,3 @@ def _read(path: storage.Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     except (struct.error, ValueError, UnicodeDecodeError, safetensors.SafetensorError) as e:
         raise LoRAError(f"{path}: not a safetensors LoRA file ({e})") from None
     return tensors, header
-
-
-def _xp(a):
-    return np if isinstance(a, np.ndarray) else jnp

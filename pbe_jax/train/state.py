@@ -11,6 +11,7 @@ import optax
 from flax import nnx
 
 from pbe_jax.convert import PaintByExampleModels
+from pbe_jax.lora import Factors
 from pbe_jax.train.config import OptimConfig
 
 
@@ -21,8 +22,6 @@ class Nets(nnx.Module):
     def __init__(self, models: PaintByExampleModels, adapter=None):
         self.unet, self.vae, self.image_encoder = models.unet, models.vae, models.image_encoder
         if adapter is not None:
-            from pbe_jax.lora import Factors
-
             self.lora = Factors(adapter)
 
 
