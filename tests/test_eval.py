@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pbe_jax.data import synthetic
 from pbe_jax.eval import attributes, evaluate, metrics
+from pbe_jax.models import ConfigError
 from pbe_jax.eval.__main__ import main
 
 TEST_STEPS = 300  # the test's classifier: a tenth of the default training, enough to be far above chance
@@ -312,6 +314,13 @@ def test_labels_are_checked_and_vocabularies_compared(tmp_path, classifier):
     (bench / "benchmark.json").write_text(json.dumps({"shapes": ["blob"] * 6}))
     report = evaluate(tmp_path / "paste", bench, classifier=classifier[0])
     assert report["metrics"]["attributes"] is None and "other shapes" in report["skipped"]["attributes"]
+    # A benchmark of a world with one more colour than the classifier reads (data.benchmark --extra-colours).
+    (bench / "benchmark.json").write_text(json.dumps({"colours": list(synthetic.COLOUR_NAMES) + ["pink"]}))
+    report = evaluate(tmp_path / "paste", bench, classifier=classifier[0])
+    assert report["metrics"]["attributes"] is None
+    assert report["skipped"]["attributes"].endswith("the benchmark's world has [6, 9, 4]")
+    with pytest.raises(ConfigError, match=r"classes \[6, 8, 4\] do not match the synthetic world's \[6, 9, 4\]"):
+        attributes.load(classifier[2], ("pink",))
 
 
 def test_cli_fid_with_a_user_feature_function(tmp_path, monkeypatch, capsys):

@@ -29,14 +29,15 @@ def load(path: Path) -> Image.Image:
         return im
 
 
-def colours_of(attrs: dict) -> np.ndarray:
-    """The two tones an object of these attributes is painted in."""
-    return np.stack([synthetic.COLOURS[attrs["colour"]], synthetic.second_tone(synthetic.COLOURS[attrs["colour"]])])
+def colours_of(attrs: dict, extra_colours=()) -> np.ndarray:
+    """The two tones an object of these attributes is painted in (in the world with `extra_colours`)."""
+    colour = synthetic.palette(extra_colours)[attrs["colour"]]
+    return np.stack([colour, synthetic.second_tone(colour)])
 
 
-def painted_with(pixels: np.ndarray, attrs: dict) -> np.ndarray:
+def painted_with(pixels: np.ndarray, attrs: dict, extra_colours=()) -> np.ndarray:
     """Per pixel (..., 3): whether it is one of the object's two tones."""
-    return (pixels[..., None, :] == colours_of(attrs)).all(-1).any(-1)
+    return (pixels[..., None, :] == colours_of(attrs, extra_colours)).all(-1).any(-1)
 
 
 # -------------------------------------------------------------------------------------------------- scenes
@@ -228,3 +229,41 @@ def test_cli_make(tmp_path, capsys):
     assert "1 example(s)" in capsys.readouterr().out and load(tmp_path / "ex" / "mask.png").size == (64, 64)
     with pytest.raises(SystemExit):  # the baselines are pbe_jax.eval.baselines now
         benchmark.parse_args(["baseline", "unchanged", str(out), str(tmp_path / "r")])
+
+
+# --------------------------------------------------------------------------------------- a world with more colours
+
+def test_a_world_with_an_extra_colour_keeps_the_base_world_and_adds_one():
+    assert synthetic.colour_names(("pink",)) == synthetic.COLOUR_NAMES + ("pink",)
+    assert synthetic.palette(("pink",))[-1] == synthetic.EXTRA_COLOURS["pink"]
+    with pytest.raises(ValueError, match=r"\['mauve'\]: each must be one of \['pink'\]"):
+        synthetic.palette(("mauve",))
+    base, pink = (synthetic.SyntheticSource(40, seed=3, image_size=64, extra_colours=e) for e in ((), ("pink",)))
+    np.testing.assert_array_equal(base[0]["image"], synthetic.SyntheticSource(40, seed=3, image_size=64)[0]["image"])
+    colours = [o["colour"] for i in range(40) for o in pink[i]["objects"]]
+    assert max(colours) == 8 and len(set(colours)) == 9  # pink among the base colours, at the end
+    scene = next(s for s in map(pink.scene, range(40)) if any(o["colour"] == 8 for o in s.objects))
+    k = next(k for k, o in enumerate(scene.objects) if o["colour"] == 8)
+    shown = scene.image[scene.labels == k]
+    tones = np.stack([synthetic.EXTRA_COLOURS["pink"], synthetic.second_tone(synthetic.EXTRA_COLOURS["pink"])])
+    assert (shown[:, None, :] == tones).all(-1).any(-1).all()  # every pixel of it in one of pink's tones
+
+
+def test_a_benchmark_of_what_is_new(tmp_path):
+    """Every exemplar pink, in the world with pink; benchmark.json names the world, and the eval reads it."""
+    from pbe_jax import eval as evaluation
+
+    out = tmp_path / "new"
+    benchmark.make_benchmark(out, n=4, image_size=64, extra_colours=("pink",), reference_colour="pink")
+    settings = json.loads((out / "benchmark.json").read_text())
+    assert settings["colours"][-1] == "pink" and settings["reference_colour"] == "pink"
+    pink = synthetic.COLOUR_NAMES.index("white") + 1
+    for id_, label in benchmark.read_labels(out).items():
+        assert label["reference"]["colour"] == pink
+        assert painted_with(np.asarray(load(out / "reference" / f"{id_}.png")), label["reference"], ("pink",)).mean() > 0.3
+    assert evaluation.world(out) == (("pink",), None)
+    settings["colours"][-1] = "mauve"
+    (out / "benchmark.json").write_text(json.dumps(settings))
+    assert evaluation.world(out)[1].endswith("followed by any of ['pink']")
+    with pytest.raises(ValueError, match="'pink' is not one of this world's colours"):
+        benchmark.make_item(0, image_size=64, reference_colour="pink")

@@ -18,6 +18,7 @@ from flax import nnx
 
 from pbe_jax import parallel
 from pbe_jax.train import config as config_lib
+from conftest import xla_env
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = ["data.size=64", "data.image_size=32", "data.batch_size=4", "log_every=1", "optim.warmup_steps=1",
@@ -51,6 +52,11 @@ def test_config_overrides_and_errors():
                                                         "model.unet.norm_num_groups=4", "model.trainable=['unet']"])
     assert cfg.data.batch_size == 4 and cfg.optim.lr == 2e-4 and cfg.model.unet["norm_num_groups"] == 4
     assert cfg.model.trainable == ("unet",)
+    # A list of bare words, as the shell passes `model.lora.train=[conv_in,bottleneck]` unquoted, is a tuple of them.
+    words = config_lib.override(cfg, ["model.lora.train=[conv_in, bottleneck]", "data.extra_colours=pink",
+                                      "model.lora.targets=[]"])
+    assert words.model.lora.train == ("conv_in", "bottleneck") and words.data.extra_colours == ("pink",)
+    assert words.model.lora.targets == ()
     with pytest.raises(ValueError, match="unknown config key 'data.batchsize'"):
         config_lib.override(cfg, ["data.batchsize=3"])
     with pytest.raises(FileNotFoundError, match="named configs: .*tiny"):
@@ -261,7 +267,7 @@ print("OK", results["single"][0])
 
 
 def test_sharded_step_equals_single_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = xla_env(xla_force_host_platform_device_count=8)
     r = subprocess.run([sys.executable, "-c", SHARDED.format(root=str(ROOT))], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=900)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]

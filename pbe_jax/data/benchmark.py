@@ -58,10 +58,10 @@ def _area(box: list[float]) -> float:
     return (box[2] - box[0]) * (box[3] - box[1])
 
 
-def _pick_target(rng: np.random.Generator, size: int) -> tuple[synthetic.Scene, dict]:
+def _pick_target(rng: np.random.Generator, size: int, colours=synthetic.COLOURS) -> tuple[synthetic.Scene, dict]:
     """A source scene and one of its mostly visible, not too small objects, chosen uniformly."""
     for _ in range(SCENE_DRAWS):
-        scene = synthetic.render_scene(rng, size)
+        scene = synthetic.render_scene(rng, size, colours=colours)
         candidates = [o for o in scene.objects
                       if o["visible"] >= MOSTLY_VISIBLE and _area(o["box"]) >= MIN_TARGET_FRACTION * size ** 2]
         if candidates:
@@ -77,11 +77,15 @@ def _mask_box(extent: list[float], size: int) -> list[int]:
     return [max(x0 - m, 0), max(y0 - m, 0), min(x1 + m, size), min(y1 + m, size)]
 
 
-def _other_attributes(original: dict, rng: np.random.Generator) -> dict:
-    """Uniformly random attributes, redrawn while all three equal the original's."""
+def _other_attributes(original: dict, rng: np.random.Generator, n_colours: int = len(synthetic.COLOURS),
+                      colour: int | None = None) -> dict:
+    """Uniformly random attributes (the colour fixed when `colour` is given), redrawn while all three equal
+    the original's."""
     keys = ("shape", "colour", "pattern")
     while True:
-        attrs = synthetic.random_attributes(rng)
+        attrs = synthetic.random_attributes(rng, n_colours)
+        if colour is not None:
+            attrs["colour"] = colour
         if any(attrs[k] != original[k] for k in keys):
             return attrs
 
@@ -91,7 +95,8 @@ def _turn(original: float, rng: np.random.Generator) -> float:
     return float((original + rng.uniform(MIN_TURN, 2 * np.pi - MIN_TURN)) % (2 * np.pi))
 
 
-def _exemplar(attrs: dict, rotation: float, rng: np.random.Generator, size: int) -> tuple[np.ndarray, float]:
+def _exemplar(attrs: dict, rotation: float, rng: np.random.Generator, size: int,
+              colours=synthetic.COLOURS) -> tuple[np.ndarray, float]:
     """The exemplar drawn whole on a fresh background of size², cropped to its box padded by REFERENCE_PAD;
     and its radius."""
     canvas = synthetic.background(size, rng)
@@ -100,24 +105,31 @@ def _exemplar(attrs: dict, rotation: float, rng: np.random.Generator, size: int)
     slack = np.maximum(size / 2 - reach - REFERENCE_PAD - 1, 0)  # how far the centre may move, all in view
     centre = size / 2 + rng.uniform(-slack, slack)
     fp = synthetic.footprint(synthetic.polygon(attrs["shape"], centre, radius, rotation))
-    synthetic.draw(canvas, fp, attrs, rng)
+    synthetic.draw(canvas, fp, attrs, rng, colours)
     x0, y0, x1, y1 = (int(v) for v in fp.box(size, size))
     pad = REFERENCE_PAD
     return canvas[max(y0 - pad, 0):min(y1 + pad, size), max(x0 - pad, 0):min(x1 + pad, size)], radius
 
 
 def make_item(index: int, *, seed: int = BENCHMARK_SEED, image_size: int = 128,
-              reference_size: int | None = None) -> Item:
+              reference_size: int | None = None, extra_colours: tuple[str, ...] = (),
+              reference_colour: str | None = None) -> Item:
     """Benchmark item `index`: a scene, one of its objects masked out by its box, and an exemplar of other
-    attributes, rotation and size from a scene of its own (reference_size², default image_size²)."""
+    attributes, rotation and size from a scene of its own (reference_size², default image_size²). The
+    world's colours are the base ones plus `extra_colours` (`synthetic.palette`); `reference_colour` (a name
+    in that world) fixes the exemplar's colour."""
+    names, colours = synthetic.colour_names(extra_colours), synthetic.palette(extra_colours)
+    if reference_colour is not None and reference_colour not in names:
+        raise ValueError(f"reference colour {reference_colour!r} is not one of this world's colours {list(names)}")
+    fixed = None if reference_colour is None else names.index(reference_colour)
     rng = np.random.default_rng([seed, index, ITEM_TAG])
-    scene, original = _pick_target(rng, image_size)
+    scene, original = _pick_target(rng, image_size, colours)
     box = _mask_box(original["extent"], image_size)
     mask = np.zeros((image_size, image_size), np.uint8)
     mask[box[1]:box[3], box[0]:box[2]] = 255
-    attrs = _other_attributes(original, rng)
+    attrs = _other_attributes(original, rng, len(colours), fixed)
     rotation = _turn(original["rotation"], rng)
-    reference, radius = _exemplar(attrs, rotation, rng, reference_size or image_size)
+    reference, radius = _exemplar(attrs, rotation, rng, reference_size or image_size, colours)
     id_ = f"{index:06d}"
     label = {"id": id_, "box": box, "reference": {**attrs, "rotation": rotation, "radius": radius},
              "original": {k: original[k] for k in ("shape", "colour", "pattern", "centre", "rotation", "radius",
@@ -125,19 +137,22 @@ def make_item(index: int, *, seed: int = BENCHMARK_SEED, image_size: int = 128,
     return Item(id_, scene.image, mask, reference, label)
 
 
-def _settings(n: int, seed: int, image_size: int, reference_size: int | None) -> dict:
+def _settings(n: int, seed: int, image_size: int, reference_size: int | None, extra_colours: tuple[str, ...] = (),
+              reference_colour: str | None = None) -> dict:
     return {"n": n, "seed": seed, "image_size": image_size, "reference_size": reference_size or image_size,
-            "shapes": list(synthetic.SHAPES), "colours": list(synthetic.COLOUR_NAMES),
-            "patterns": list(synthetic.PATTERNS)}
+            "shapes": list(synthetic.SHAPES), "colours": list(synthetic.colour_names(extra_colours)),
+            "patterns": list(synthetic.PATTERNS), "reference_colour": reference_colour}
 
 
 def make_benchmark(out_dir, n: int = 200, seed: int = BENCHMARK_SEED, image_size: int = 128,
-                   reference_size: int | None = None) -> dict:
-    """Write items 0..n-1 into `out_dir` (layout in the module docstring). Resumable: images already there
-    are kept (the same settings make the same images), labels.jsonl is rewritten whole. A folder made with
-    other settings is refused. Returns {"written": images written, "kept": images already there}."""
+                   reference_size: int | None = None, extra_colours: tuple[str, ...] = (),
+                   reference_colour: str | None = None) -> dict:
+    """Write items 0..n-1 into `out_dir` (layout in the module docstring; `extra_colours` and
+    `reference_colour` as in `make_item`). Resumable: images already there are kept (the same settings make
+    the same images), labels.jsonl is rewritten whole. A folder made with other settings is refused. Returns
+    {"written": images written, "kept": images already there}."""
     out = storage.path(out_dir)
-    settings = _settings(n, seed, image_size, reference_size)
+    settings = _settings(n, seed, image_size, reference_size, tuple(extra_colours), reference_colour)
     meta = out / "benchmark.json"
     if meta.exists():
         old = json.loads(meta.read_text())
@@ -152,7 +167,8 @@ def make_benchmark(out_dir, n: int = 200, seed: int = BENCHMARK_SEED, image_size
     stats = {"written": 0, "kept": 0}
     labels = []
     for i in range(n):
-        item = make_item(i, seed=seed, image_size=image_size, reference_size=reference_size)
+        item = make_item(i, seed=seed, image_size=image_size, reference_size=reference_size,
+                         extra_colours=tuple(extra_colours), reference_colour=reference_colour)
         for role in ROLES:
             path = out / role / f"{item.id}.png"
             if path.exists():
@@ -208,6 +224,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     make.add_argument("--size", type=int, default=128, help="source side in px (default 128)")
     make.add_argument("--reference-size", type=int, default=None,
                       help="side of the scene the exemplar is cut from (default: --size)")
+    make.add_argument("--extra-colours", nargs="+", default=[], metavar="COLOUR",
+                      help=f"a world with these colours added to the base ones ({', '.join(synthetic.EXTRA_COLOURS)}); "
+                           f"a base colour keeps its index")
+    make.add_argument("--reference-colour", default=None, metavar="COLOUR",
+                      help="every exemplar in this colour (e.g. an extra one: a benchmark of what is new)")
     ex = sub.add_parser("examples", help="write example inputs for sample.py",
                         description="Write source.png, mask.png, reference.png (one example) or one folder per "
                                     "example.")
@@ -223,7 +244,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.command == "make":
-            stats = make_benchmark(args.out, args.n, args.seed, args.size, args.reference_size)
+            stats = make_benchmark(args.out, args.n, args.seed, args.size, args.reference_size,
+                                   tuple(args.extra_colours), args.reference_colour)
             print(f"{args.out}: {args.n} items ({stats['written']} images written, {stats['kept']} already there)")
         else:
             folders = write_examples(args.out, args.n, seed=args.seed, image_size=args.size, start=args.start)

@@ -12,10 +12,15 @@ x0 y0 x1 y1, "id": str}, plus "objects", one dict per box: "shape", "colour", "p
 SHAPES, COLOURS, PATTERNS), "centre" [x, y], "radius" (px, the outline's scale), "rotation" (radians),
 "box" (its row of "boxes"), "extent" (the box of all its pixels inside the image, occluded or not) and
 "visible" (the fraction of its polygon's pixels in view). Boxes are in pixel edges: x1, y1 exclusive.
+
+A world is the base one (the colours the shipped model was trained on) or the base one with colours from
+EXTRA_COLOURS appended (`extra_colours=("pink",)`): something a model can be adapted to (docs/lora.md). A
+base colour has the same index in every world, and the base world's scenes do not change.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -24,7 +29,34 @@ SHAPES = ("square", "circle", "triangle", "star", "hexagon", "cross")
 COLOURS = ((220, 40, 40), (40, 170, 60), (40, 80, 220), (240, 200, 30), (160, 60, 200), (250, 130, 20),
            (30, 200, 200), (240, 240, 240))
 COLOUR_NAMES = ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "white")
+EXTRA_COLOURS = {"pink": (245, 110, 185)}  # in no scene the shipped model saw
 PATTERNS = ("solid", "stripes", "dots", "checks")
+
+
+def colour_names(extra_colours: Sequence[str] = ()) -> tuple[str, ...]:
+    """The names of a world's colours, in index order: the base ones, then `extra_colours`."""
+    unknown = [c for c in extra_colours if c not in EXTRA_COLOURS]
+    if unknown or len(set(extra_colours)) != len(extra_colours):
+        raise ValueError(f"extra colours {list(extra_colours)}: each must be one of {sorted(EXTRA_COLOURS)}, "
+                         f"named once")
+    return COLOUR_NAMES + tuple(extra_colours)
+
+
+def palette(extra_colours: Sequence[str] = ()) -> tuple[tuple[int, int, int], ...]:
+    """The RGB of a world's colours, in index order (see `colour_names`)."""
+    colour_names(extra_colours)
+    return COLOURS + tuple(EXTRA_COLOURS[c] for c in extra_colours)
+
+
+def extra_colours_of(names: Sequence[str], where: str) -> tuple[str, ...]:
+    """The extra colours of the world whose colour names are `names` (a benchmark's vocabulary); a list that
+    is not the base colours followed by known extra ones is an error naming `where`."""
+    names = tuple(names)
+    extra = names[len(COLOUR_NAMES):]
+    if names[:len(COLOUR_NAMES)] != COLOUR_NAMES or any(c not in EXTRA_COLOURS for c in extra):
+        raise ValueError(f"{where} lists colours {list(names)}: pbe_jax.data.synthetic has {list(COLOUR_NAMES)} "
+                         f"followed by any of {sorted(EXTRA_COLOURS)}")
+    return extra
 
 
 def _outline(shape: str, n: int = 48) -> np.ndarray:
@@ -140,10 +172,12 @@ def background(size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def draw(image: np.ndarray, fp: Footprint, attrs: dict, rng: np.random.Generator) -> None:
-    """Paint an object's patterned fill into `image` (in place) where its footprint covers it."""
+def draw(image: np.ndarray, fp: Footprint, attrs: dict, rng: np.random.Generator,
+         colours: Sequence = COLOURS) -> None:
+    """Paint an object's patterned fill into `image` (in place) where its footprint covers it; its colour is
+    an index into `colours` (a world's `palette`)."""
     window, inside = fp.clip(*image.shape[:2])
-    fill = _pattern(PATTERNS[attrs["pattern"]], COLOURS[attrs["colour"]], fp.mask.shape, rng)
+    fill = _pattern(PATTERNS[attrs["pattern"]], colours[attrs["colour"]], fp.mask.shape, rng)
     rows, cols = window
     fill = fill[rows.start - fp.y:rows.stop - fp.y, cols.start - fp.x:cols.stop - fp.x]
     image[window][inside] = fill[inside]
@@ -160,8 +194,8 @@ def render_object(canvas: Image.Image, shape: int, colour: int, pattern: int, ce
     return tuple(fp.box(*image.shape[:2]))
 
 
-def random_attributes(rng: np.random.Generator) -> dict:
-    return {"shape": int(rng.integers(len(SHAPES))), "colour": int(rng.integers(len(COLOURS))),
+def random_attributes(rng: np.random.Generator, n_colours: int = len(COLOURS)) -> dict:
+    return {"shape": int(rng.integers(len(SHAPES))), "colour": int(rng.integers(n_colours)),
             "pattern": int(rng.integers(len(PATTERNS)))}
 
 
@@ -187,16 +221,17 @@ def _box_of(mask: np.ndarray) -> list[float]:
 
 def render_scene(rng: np.random.Generator, size: int, *, min_objects: int = 2, max_objects: int = 5,
                  radius: tuple[float, float] = (0.08, 0.22), min_visible: float = 0.6,
-                 attempts: int = 10) -> Scene:
+                 attempts: int = 10, colours: Sequence = COLOURS) -> Scene:
     """A size² scene drawn from `rng`: between min_objects and max_objects objects (fewer when one finds no
-    placement that keeps every object at least `min_visible` in view), radii a uniform fraction of `size`."""
+    placement that keeps every object at least `min_visible` in view), radii a uniform fraction of `size`,
+    colours drawn from `colours` (a world's `palette`)."""
     if not 0 < min_visible <= 1:  # an object with nothing in view would have no box
         raise ValueError(f"min_visible must be in (0, 1], got {min_visible}")
     image = background(size, rng)
     labels = np.full((size, size), -1, np.int16)
     placed, areas, shown = [], [], []
     for _ in range(int(rng.integers(min_objects, max_objects + 1))):
-        attrs = random_attributes(rng)
+        attrs = random_attributes(rng, len(colours))
         for _ in range(attempts):
             r = float(rng.uniform(*radius) * size)
             centre = rng.uniform(r * 0.6, size - r * 0.6, 2)
@@ -210,7 +245,7 @@ def render_scene(rng: np.random.Generator, size: int, *, min_objects: int = 2, m
                 break
         else:
             continue
-        draw(image, fp, attrs, rng)
+        draw(image, fp, attrs, rng, colours)
         labels[window][inside] = len(placed)
         shown = list(np.asarray(shown, int) - hidden) + [int(inside.sum())]
         areas.append(fp.area)
@@ -223,12 +258,13 @@ def render_scene(rng: np.random.Generator, size: int, *, min_objects: int = 2, m
 
 class SyntheticSource:
     """`size` scenes of `image_size`², deterministic in (seed, index): scene i is drawn from
-    `np.random.default_rng([seed, i])`."""
+    `np.random.default_rng([seed, i])`, in the world with `extra_colours`."""
 
     def __init__(self, size: int = 10000, *, seed: int = 0, image_size: int = 256, min_objects: int = 2,
-                 max_objects: int = 5, min_visible: float = 0.6):
+                 max_objects: int = 5, min_visible: float = 0.6, extra_colours: Sequence[str] = ()):
         self.size, self.seed, self.image_size = size, seed, image_size
         self.min_objects, self.max_objects, self.min_visible = min_objects, max_objects, min_visible
+        self.colours = palette(extra_colours)
 
     def __len__(self) -> int:
         return self.size
@@ -237,7 +273,8 @@ class SyntheticSource:
         if not 0 <= index < self.size:
             raise IndexError(f"scene {index} out of range (size {self.size})")
         return render_scene(np.random.default_rng([self.seed, index]), self.image_size,
-                            min_objects=self.min_objects, max_objects=self.max_objects, min_visible=self.min_visible)
+                            min_objects=self.min_objects, max_objects=self.max_objects, min_visible=self.min_visible,
+                            colours=self.colours)
 
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(index)

@@ -10,7 +10,8 @@ be computed, compares the set of results with the sources (or with precomputed s
 
 labels.jsonl (as `python -m pbe_jax.data.benchmark make` writes it), one line per id: {"id": "000123",
 "box": [x0, y0, x1, y1], "reference": {"shape": int, "colour": int, "pattern": int}, ...} (indices into
-`pbe_jax.data.synthetic` SHAPES, COLOURS, PATTERNS; the box in source pixels; other keys are not read).
+`pbe_jax.data.synthetic` SHAPES, the world's colours (`benchmark.json`'s "colours": the base ones, then any
+extra ones) and PATTERNS; the box in source pixels; other keys are not read).
 """
 from __future__ import annotations
 
@@ -28,9 +29,11 @@ from pbe_jax.storage import Path, PathLike
 LABELS_FILE = "labels.jsonl"
 
 
-def read_labels(benchmark_dir: Path) -> dict[str, dict]:
-    """The benchmark's labels.jsonl, checked for what scoring needs: id → {"box": [x0, y0, x1, y1],
-    "attributes": [shape, colour, pattern] or None}."""
+def read_labels(benchmark_dir: Path, classes: tuple[int, int, int] = attributes.ClassifierConfig.classes
+                ) -> dict[str, dict]:
+    """The benchmark's labels.jsonl, checked for what scoring needs (attributes within `classes`, the
+    number of shapes, colours and patterns): id → {"box": [x0, y0, x1, y1], "attributes": [shape, colour,
+    pattern] or None}."""
     path = storage.path(benchmark_dir) / LABELS_FILE
     out = {}
     for item_id, row in benchmark.read_labels(benchmark_dir).items():
@@ -48,24 +51,29 @@ def read_labels(benchmark_dir: Path) -> dict[str, dict]:
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{where}: reference needs integer {', '.join(attributes.ATTRIBUTES)} "
                                  f"({type(e).__name__}: {e})") from e
-            for a, v, k in zip(attributes.ATTRIBUTES, attrs, attributes.ClassifierConfig.classes):
+            for a, v, k in zip(attributes.ATTRIBUTES, attrs, classes):
                 if not 0 <= v < k:
                     raise ValueError(f"{where}: reference {a}={v} is outside 0..{k - 1}")
         out[str(item_id)] = {"box": box, "attributes": attrs}
     return out
 
 
-def _vocabulary_problem(benchmark_dir: Path) -> str | None:
-    """Why the benchmark's attribute indices would not mean what the classifier's do, if they would not:
-    benchmark.json records the vocabularies the benchmark was made with."""
+def world(benchmark_dir: PathLike) -> tuple[tuple[str, ...], str | None]:
+    """The extra colours of the synthetic world the benchmark was made in (benchmark.json records its
+    vocabularies; none without one), and why its attribute indices would not mean what a classifier of that
+    world reads, if they would not (then no extra colours)."""
     meta = storage.path(benchmark_dir) / "benchmark.json"
     if not meta.is_file():
-        return None
+        return (), None
     made = json.loads(meta.read_text())
-    ours = {"shapes": list(synthetic.SHAPES), "colours": list(synthetic.COLOUR_NAMES),
-            "patterns": list(synthetic.PATTERNS)}
+    ours = {"shapes": list(synthetic.SHAPES), "patterns": list(synthetic.PATTERNS)}
     changed = [k for k, v in ours.items() if k in made and made[k] != v]
-    return f"{meta} lists other {' and '.join(changed)} than pbe_jax.data.synthetic now has" if changed else None
+    if changed:
+        return (), f"{meta} lists other {' and '.join(changed)} than pbe_jax.data.synthetic now has"
+    try:
+        return synthetic.extra_colours_of(made.get("colours", synthetic.COLOUR_NAMES), str(meta)), None
+    except ValueError as e:
+        return (), str(e)
 
 
 @dataclasses.dataclass
@@ -133,9 +141,13 @@ def evaluate(results_dir: PathLike, benchmark_dir: PathLike, *, embed_fn: EmbedF
     if not results_dir.is_dir():
         raise FileNotFoundError(f"{results_dir}: no such results folder")
     jobs = batch.read_layout(benchmark_dir)
-    labels = read_labels(benchmark_dir) if (benchmark_dir / LABELS_FILE).is_file() else {}
-    vocabulary = _vocabulary_problem(benchmark_dir) if labels else None
-    if vocabulary:
+    extra_colours, vocabulary = world(benchmark_dir)
+    classes = attributes.classes_of(extra_colours)
+    labels = read_labels(benchmark_dir, classes) if (benchmark_dir / LABELS_FILE).is_file() else {}
+    if classifier is not None and not vocabulary and classifier.config.classes != classes:
+        vocabulary = (f"the attribute classifier reads {list(classifier.config.classes)} shapes, colours, "
+                      f"patterns; the benchmark's world has {list(classes)}")
+    if vocabulary or not labels:
         classifier = None
     finished = storage.names(results_dir)  # one listing, not a request per item (buckets)
     present = [j for j in jobs if batch.output_path(results_dir, j).name in finished]
@@ -199,4 +211,4 @@ def evaluate(results_dir: PathLike, benchmark_dir: PathLike, *, embed_fn: EmbedF
             "per_item": rows}
 
 
-__all__ = ["LABELS_FILE", "evaluate", "read_labels"]
+__all__ = ["LABELS_FILE", "evaluate", "read_labels", "world"]

@@ -109,14 +109,16 @@ def import_function(spec: str):
 def get_classifier(args):
     """Load the classifier, or train it and save it for the next run (a read-only benchmark only warns)."""
     from pbe_jax import storage
-    from pbe_jax.eval import attributes
+    from pbe_jax.eval import attributes, world
 
+    extra_colours, _ = world(args.benchmark)  # the classifier reads the benchmark's world
     folder = storage.path(args.classifier) if args.classifier else storage.path(args.benchmark) / CLASSIFIER_DIR
     if (folder / attributes.CONFIG_FILE).is_file():
-        return attributes.load(folder)
+        return attributes.load(folder, extra_colours)
     print(f"training the attribute classifier (saved to {folder})", file=sys.stderr)
     steps = {} if args.train_steps is None else {"steps": args.train_steps}
-    classifier, score = attributes.train_classifier(seed=args.seed, log_every=500, **steps)
+    classifier, score = attributes.train_classifier(seed=args.seed, log_every=500, extra_colours=extra_colours,
+                                                    **steps)
     print(f"attribute classifier: held-out accuracy {json.dumps(score)}", file=sys.stderr)
     try:
         attributes.save(classifier, folder, {"held_out": score, "seed": args.seed, **steps})

@@ -30,7 +30,7 @@ from PIL import Image, ImageFilter
 from pbe_jax import storage
 from pbe_jax.convert import mapping
 from pbe_jax.convert.weights import load_file, save_safetensors
-from pbe_jax.data.synthetic import COLOURS, PATTERNS, SHAPES, render_scene
+from pbe_jax.data.synthetic import COLOURS, PATTERNS, SHAPES, colour_names, palette, render_scene
 from pbe_jax.eval.metrics import crop
 from pbe_jax.models import ConfigError, Policy
 from pbe_jax.models.layers import conv, group_norm, linear
@@ -44,6 +44,11 @@ FORMAT = "pbe_jax.attribute_classifier"
 # but never under 4 px).
 SCENE_SIZE, RADIUS = 128, (0.11, 0.22)
 TRAIN_STEPS, SHAPE_WEIGHT, MARGIN = 3000, 5.0, 0.3
+
+
+def classes_of(extra_colours: Sequence[str] = ()) -> tuple[int, int, int]:
+    """How many shapes, colours and patterns the synthetic world with `extra_colours` has."""
+    return len(SHAPES), len(colour_names(extra_colours)), len(PATTERNS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,13 +102,15 @@ def resize_crops(crops: Sequence[np.ndarray], size: int) -> np.ndarray:
     return out
 
 
-def render_crops(n: int, rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """`n` labelled crops of objects in generated scenes, blurred a little 30 % of the time (generated images
-    are softer than rendered ones): uint8 (n, size, size, 3) and int32 (n, 3) labels in ATTRIBUTES order.
-    Objects less than 90 % in view are passed over: an edit puts its object on top."""
+def render_crops(n: int, rng: np.random.Generator, size: int = 32, colours: Sequence = COLOURS
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """`n` labelled crops of objects in generated scenes (colours from `colours`, a world's palette), blurred
+    a little 30 % of the time (generated images are softer than rendered ones): uint8 (n, size, size, 3) and
+    int32 (n, 3) labels in ATTRIBUTES order. Objects less than 90 % in view are passed over: an edit puts its
+    object on top."""
     crops, labels = [], []
     while len(crops) < n:
-        scene = render_scene(rng, SCENE_SIZE, max_objects=3, radius=RADIUS)
+        scene = render_scene(rng, SCENE_SIZE, max_objects=3, radius=RADIUS, colours=colours)
         for obj in scene.objects:
             if len(crops) == n or obj["visible"] < 0.9:
                 continue
@@ -177,14 +184,16 @@ def accuracy(predicted, labels) -> dict:
 
 def train_classifier(steps: int = TRAIN_STEPS, seed: int = 0, *, batch_size: int = 32, lr: float = 1e-2,
                      pool: int = 8192, config: ClassifierConfig = ClassifierConfig(), held_out: int = 1024,
-                     log_every: int = 0) -> tuple[AttributeClassifier, dict]:
+                     log_every: int = 0, extra_colours: Sequence[str] = ()) -> tuple[AttributeClassifier, dict]:
     """Train with AdamW (warm-up, then cosine decay) on batches drawn from `pool` rendered crops, each drawn
     batch under a fresh `augment`; return the classifier and its `attribute_score` on `held_out` crops from
-    scenes the training never saw. The loss goes to stderr every `log_every` steps. (Rendering a crop costs
+    scenes the training never saw. The world is the one with `extra_colours` (its colour head as wide). The loss goes to stderr every `log_every` steps. (Rendering a crop costs
     about as much as training on it, so crops are rendered once and reused under the square's eight
     symmetries rather than drawn anew for every step.)"""
     t0 = time.perf_counter()
-    pool_x, pool_y = render_crops(pool, np.random.default_rng([seed, 0]), config.image_size)
+    colours = palette(extra_colours)
+    config = dataclasses.replace(config, classes=classes_of(extra_colours))
+    pool_x, pool_y = render_crops(pool, np.random.default_rng([seed, 0]), config.image_size, colours)
     pool_x, pool_y = jnp.asarray(pool_x), jnp.asarray(pool_y)
     model = AttributeClassifier(config, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model)
@@ -208,7 +217,7 @@ def train_classifier(steps: int = TRAIN_STEPS, seed: int = 0, *, batch_size: int
             print(f"attribute classifier: step {i + 1}/{steps} loss {float(loss):.3f}", file=sys.stderr,
                   flush=True)
     model = nnx.merge(graphdef, params)
-    x, y = render_crops(held_out, np.random.default_rng([seed, 1]), config.image_size)
+    x, y = render_crops(held_out, np.random.default_rng([seed, 1]), config.image_size, colours)
     score = attribute_score(model, list(x), y)
     score["train_seconds"] = round(time.perf_counter() - t0, 1)
     return model, score
@@ -226,7 +235,8 @@ def save(classifier: AttributeClassifier, folder: PathLike, info: dict | None = 
     return folder
 
 
-def load(folder: PathLike) -> AttributeClassifier:
+def load(folder: PathLike, extra_colours: Sequence[str] = ()) -> AttributeClassifier:
+    """A saved classifier, checked to read the world with `extra_colours`."""
     folder = storage.path(folder)
     path = folder / CONFIG_FILE
     if not path.is_file():
@@ -238,12 +248,12 @@ def load(folder: PathLike) -> AttributeClassifier:
     if d.get("format") != FORMAT:
         raise ConfigError(f"{path}: format is {d.get('format')!r}, expected {FORMAT!r}")
     config = ClassifierConfig.from_dict(d, str(path))
-    if config.classes != ClassifierConfig.classes:
+    if config.classes != classes_of(extra_colours):
         raise ConfigError(f"{path}: classes {list(config.classes)} do not match the synthetic world's "
-                          f"{list(ClassifierConfig.classes)} (shapes, colours, patterns)")
+                          f"{list(classes_of(extra_colours))} (shapes, colours, patterns)")
     params = {mapping.parse_flax_name(k): v for k, v in load_file(folder / PARAMS_FILE).items()}
     return mapping.materialize(AttributeClassifier, config, Policy(), params, str(folder / PARAMS_FILE))
 
 
-__all__ = ["ATTRIBUTES", "AttributeClassifier", "ClassifierConfig", "accuracy", "attribute_score", "augment", "load",
+__all__ = ["ATTRIBUTES", "AttributeClassifier", "ClassifierConfig", "accuracy", "classes_of", "attribute_score", "augment", "load",
            "predict", "render_crops", "resize_crops", "save", "train_classifier"]

@@ -65,6 +65,7 @@ class DataConfig:
     annotations: str | None = None
     size: int = 10000  # synthetic: number of scenes
     scene_size: int = 0  # synthetic: side of the rendered scenes (0: image_size); pairs crop and resize them
+    extra_colours: tuple[str, ...] = ()  # synthetic: colours added to the base world's (e.g. [pink]; docs/lora.md)
     image_size: int = 512
     reference_size: int = 224
     batch_size: int = 16  # global, over all devices and processes
@@ -134,6 +135,14 @@ def _parse(value: str) -> Any:
         return value  # a bare string
 
 
+def _words(value: str) -> tuple[str, ...]:
+    """A list of bare words as a shell passes it unquoted, `[a, b]` or `a,b` or `a`, as a tuple of strings."""
+    inner = value.strip()
+    if inner.startswith("[") and inner.endswith("]"):
+        inner = inner[1:-1]
+    return tuple(w.strip().strip("'\"") for w in inner.split(",") if w.strip())
+
+
 def override(cfg, assignments: list[str]):
     """Apply `a.b=value` assignments (values as Python literals, else strings); unknown keys are errors."""
     for item in assignments:
@@ -159,6 +168,8 @@ def _set(obj, parts: list[str], value, full: str):
     else:
         if isinstance(current, tuple) and isinstance(value, list):
             value = tuple(value)
+        elif isinstance(current, tuple) and isinstance(value, str):
+            value = _words(value)
         new = value
     return dataclasses.replace(obj, **{parts[0]: new})
 

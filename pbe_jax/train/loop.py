@@ -82,7 +82,8 @@ def make_source(cfg: TrainConfig):
     if d.source == "synthetic":
         from pbe_jax.data.synthetic import SyntheticSource
 
-        return SyntheticSource(d.size, seed=cfg.seed, image_size=d.scene_size or d.image_size)
+        return SyntheticSource(d.size, seed=cfg.seed, image_size=d.scene_size or d.image_size,
+                               extra_colours=d.extra_colours)
     raise ValueError(f"data.source must be 'tfds', 'folder' or 'synthetic', not {d.source!r}")
 
 
