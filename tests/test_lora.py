@@ -255,3 +255,32 @@ def test_lora_training_starts_at_the_base_moves_only_the_adapter_and_exports_bot
     key = ("proj_out", "kernel")  # the bottleneck trained beside the adapter
     assert not np.array_equal(mapping.module_params(merged.models.image_encoder)[key],
                               mapping.module_params(models.image_encoder)[key])
+
+
+def test_a_lora_step_with_remat_computes_the_step_without_it():
+    """model.remat=True (the 24 GB card's setting) with LoRA: nnx.remat writes back into the frozen UNet's
+    variables, which must belong to the gradient's trace (it failed to trace before); recomputing changes
+    nothing in the step's loss and the adapter's update."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from pbe_jax import parallel
+    from pbe_jax.train import config as config_lib
+    from pbe_jax.train.loop import build_models, build_trainer, make_loader
+
+    micro = ["data.size=64", "data.image_size=32", "data.batch_size=2", "optim.warmup_steps=1", "optim.lr=1e-2",
+             "model.dtype=float32", "model.lora.rank=2", "ema_decay=0"]
+    cfg = config_lib.override(config_lib.load("tiny"), micro)
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    with make_loader(cfg, seed=0) as loader:
+        batch = jax.tree.map(jnp.asarray, next(loader))
+    out = {}
+    for remat in (False, True):
+        trainer = build_trainer(config_lib.override(cfg, [f"model.remat={remat}"]), models=build_models(cfg), mesh=mesh)
+        state, metrics = trainer.step_fn(trainer.state, batch)
+        out[remat] = float(metrics["loss"]), dict(nnx.to_flat_state(jax.tree.map(np.asarray, state.params)))
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-6)
+    for path, v in out[False][1].items():
+        np.testing.assert_allclose(out[True][1][path].get_value(), v.get_value(), rtol=1e-5, atol=1e-7,
+                                   err_msg=str(path))

@@ -110,6 +110,10 @@ def loss_given(params, frozen, graphdef, image: jax.Array, draws: dict, schedule
     frozen = parallel.gather_params(frozen)
     if cfg.lora_scale:  # the adapter's B·A into the frozen UNet's weights (at step 0, B = 0: the base exactly)
         frozen = lora.merge_state(frozen, params, cfg.lora_scale)
+    # Variables of this trace level: the frozen state comes in from the jit's, outside the gradient's, and
+    # nnx.remat (model.remat) writes back into every variable of the modules it wraps, the frozen UNet's
+    # under LoRA included, which nnx allows only at the level the variable was made at.
+    frozen = jax.tree.map(lambda x: x, frozen)
     nets = nnx.merge(graphdef, params, frozen)
     x, t, cond, noise = inputs(nets, image, draws, schedule)
     eps = nets.unet(x, t, cond).astype(jnp.float32)
