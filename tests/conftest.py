@@ -17,6 +17,21 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# pytest -n 2 on a 2-core machine (CI): each worker, and every train.py / sample.py it starts, computes on one
+# thread. Otherwise PyTorch's and XLA's thread pools, two per worker, fight over the two cores (a tiny PyTorch
+# step measured 3× slower oversubscribed than on one thread). Without xdist, everything runs as configured.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false".strip()
+
+
+def xla_env(**flags) -> dict:
+    """os.environ for a subprocess on the CPU with these XLA flags added to the ones set above
+    (e.g. xla_force_host_platform_device_count=8)."""
+    extra = " ".join(f"--{k}={v}" for k, v in flags.items())
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {extra}".strip()}
+
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -142,12 +142,11 @@ def test_fsdp_gathers_each_weight_and_reduce_scatters_its_gradient():
 @pytest.fixture(scope="module")
 def data_mesh_report(tmp_path_factory):
     """train.py --compile-only: the tiny config's step over a v5e 2x2 slice, data parallel, bf16 compute, xla
-    attention, at the config's 64² (256 latent tokens: the TPU compile takes about half the time it takes at
-    128², where auto and splash would take the kernel: the fsdp case)."""
+    attention, at 32² (64 latent tokens; the TPU compile takes three quarters of its time at the config's 64²)."""
     out = tmp_path_factory.mktemp("aot") / "data.json"
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", "tiny", "--workdir", "unused",
                            "--compile-only", "v5e-4", "--json", str(out), "model.attention=xla",
-                           "model.dtype=bfloat16"],
+                           "model.dtype=bfloat16", "data.image_size=32"],
                           capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fits" in proc.stdout and "Mosaic kernels" in proc.stdout
@@ -156,22 +155,22 @@ def data_mesh_report(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def short_splash():
-    """splash, and auto's choice of it on a TPU, from 256 tokens instead of splash.MIN_LENGTH (1024): the tiny and
-    shipped models then take the kernel at 64² (16² latents), where their TPU compiles take a fraction of the
-    time they take at 128²."""
+    """splash, and auto's choice of it on a TPU, from 64 tokens instead of splash.MIN_LENGTH (1024): the tiny and
+    shipped models then take the kernel at 32² and 64² (8² and 16² latents), where their TPU compiles take a
+    fraction of the time they take at 128²."""
     from pbe_jax.models import splash
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(splash, "MIN_LENGTH", 256)
+        patch.setattr(splash, "MIN_LENGTH", 64)
         yield
 
 
 @pytest.fixture(scope="module")
 def fsdp_report(tmp_path_factory, short_splash):
-    """Two v5e 2x2 slices, fsdp 4 within a slice and data across them, splash at 256 latent tokens."""
+    """Two v5e 2x2 slices, fsdp 4 within a slice and data across them, splash at 64 latent tokens (32²)."""
     out = tmp_path_factory.mktemp("aot") / "fsdp.json"
     code = aot.main(["train", "--topology", "v5e-4", "--slices", "2", "--config", "tiny", "--json", str(out),
-                     "mesh_fsdp=4", "data.batch_size=8", "model.attention=splash"])
+                     "mesh_fsdp=4", "data.batch_size=8", "model.attention=splash", "data.image_size=32"])
     assert code == 0
     return json.loads(out.read_text())
 

@@ -20,6 +20,7 @@ from pbe_jax.eval import cocoee, cocoee_protocol as protocol
 from pbe_jax.eval import gmm as gmm_lib
 from pbe_jax.eval.__main__ import main
 from pbe_jax.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from conftest import xla_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # the tiny CLIP tower's image size (224 for ViT-B/32)
@@ -382,6 +383,6 @@ print("ok")
 
 
 def test_extractor_splits_batches_over_the_local_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = xla_env(xla_force_host_platform_device_count=4)
     proc = subprocess.run([sys.executable, "-c", _DEVICES], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

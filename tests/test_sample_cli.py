@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 import sample  # noqa: E402
 
 from pbe_jax import batch  # noqa: E402
+from conftest import xla_env
 
 
 def write_inputs(folder: Path, n: int, size: int = 32, seed: int = 0):
@@ -160,7 +161,7 @@ single = PaintByExample.from_pretrained(r"{tiny_folder('sd')}", mesh=parallel.da
     src, msk, ref, **kw)
 print("maxdiff", np.abs(multi.astype(int) - single.astype(int)).max())
 """
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = xla_env(xla_force_host_platform_device_count=8)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert int(r.stdout.split("maxdiff")[-1]) <= 1

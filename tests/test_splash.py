@@ -2,7 +2,6 @@
 against the `xla` backend: forward and gradients at SD's head dims, lengths that are not block multiples,
 inside a (data, fsdp) mesh on 8 fake devices, and a whole UNet. Interpret mode checks the arithmetic and the
 padding, segment ids and shard_map around the kernel; it does not show that the kernel compiles for a TPU."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,8 @@ import pytest
 
 from pbe_jax.models import splash
 from pbe_jax.models.attention import resolve_backend
+
+from conftest import xla_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,6 +91,6 @@ print("OK")
 
 
 def test_splash_equals_xla_forward_and_backward_in_the_mesh():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = xla_env(xla_force_host_platform_device_count=8)
     r = subprocess.run([sys.executable, "-c", MESH], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
