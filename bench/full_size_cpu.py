@@ -1,13 +1,17 @@
 """Full SD-1.4-size training checks that need no accelerator: one real step on the CPU, and XLA's compiled
 memory analysis of the step at several batch sizes.
 
-    python bench/full_size_cpu.py step [--size 256]           # ≈ 18 GB of host memory, minutes
-    python bench/full_size_cpu.py memory [--batches 1,16,32] [--remat both] [--size 512]
+    python bench/full_size_cpu.py step [--size 256] [--lora RANK]           # ≈ 18 GB of host memory, minutes
+    python bench/full_size_cpu.py memory [--batches 1,16,32] [--remat both] [--size 512] [--lora RANK]
 
 `step`: SD-1.4 shapes (UNet 859.5 M, VAE, CLIP ViT-L/14 + bottleneck; random weights drawn with numpy),
 batch 1, remat, bf16 frozen towers, bf16 compute — the 24 GB-card setting — runs the real `train_step`
 twice (the first at the warm-up's learning rate 0, the second at 1e-5) and checks that the loss is finite,
 that every trainable parameter tensor changed and that no frozen one did; prints the peak host memory.
+`--lora RANK`: the LoRA step instead (docs/lora.md: rank RANK on the attention projections, the whole UNet
+frozen in bf16 with the towers); then the trainable tensors are the adapter's factors, and the B factors of
+the cross-attention's to_q and to_k must stay exactly zero (with a one-token context their layers get no
+gradient, and AdamW's decay keeps a zero at zero) while every other factor changes.
 `memory`: the same step lowered from shapes alone (no weights drawn) and compiled for this machine's
 backend; prints `compiled.memory_analysis()` per (batch, remat) — arguments, temporaries, outputs not
 aliased to donated inputs — an estimate of what the step needs on a device. Compiled for the CPU, XLA's
@@ -40,6 +44,17 @@ def fingerprint(tree) -> list[tuple[float, np.ndarray]]:
     return out
 
 
+def no_gradient(state) -> list[bool]:
+    """Per leaf of a train state's params: an adapter factor whose layer gets no gradient by construction,
+    the cross-attention's query and key (softmax over the one context token is 1 whatever they are); B starts
+    at zero there and stays zero."""
+    import jax
+
+    names = [jax.tree_util.keystr(p, simple=True, separator=".").removesuffix(".value")
+             for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+    return [n.startswith("lora.factors.") and n.endswith((".attn2.to_q.B", ".attn2.to_k.B")) for n in names]
+
+
 def changed(before, after) -> list[bool]:
     return [sb != sa or not np.array_equal(xb, xa) for (sb, xb), (sa, xa) in zip(before, after)]
 
@@ -59,6 +74,11 @@ def release_freed_memory() -> None:
     libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
 
 
+def lora(args) -> list[str]:
+    """The overrides of a LoRA step (the frozen UNet stored in bf16, as the towers), or none."""
+    return [f"model.lora.rank={args.lora}", "model.frozen_dtype=bfloat16"] if args.lora else []
+
+
 def step(args) -> dict:
     import jax
 
@@ -68,7 +88,7 @@ def step(args) -> dict:
 
     release_freed_memory()
     say = lambda what: print(f"{what}: host memory {peak_rss_gib():.2f} GiB peak", file=sys.stderr, flush=True)  # noqa: E731
-    cfg = train_throughput.step_config("sd14", 1, True, "model.frozen_dtype=bfloat16", size=args.size)
+    cfg = train_throughput.step_config("sd14", 1, True, "model.frozen_dtype=bfloat16", *lora(args), size=args.size)
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
     t0 = time.perf_counter()  # compiled from shapes first, so compilation's memory is gone before the weights come
     shapes = abstract_trainer(cfg, mesh=mesh)
@@ -95,16 +115,21 @@ def step(args) -> dict:
         say(f"step {i + 1} in {times[-1]} s, loss {losses[-1]:.4f}")
     trainable_changed = changed(trainable0, fingerprint(state.params))
     frozen_changed = changed(frozen0, fingerprint(state.frozen))
+    still = no_gradient(state.params)
+    still_zero = [not np.asarray(leaf).any() for leaf, s in zip(jax.tree.leaves(state.params), still) if s]
     result = {"what": "one full-size training step on the CPU", "device": jax.devices()[0].device_kind,
+              "lora_rank": args.lora,
               "image_size": cfg.data.image_size, "batch": 1, "remat": True, "frozen_dtype": "bfloat16",
               "compute_dtype": cfg.model.dtype, "trainable_params": n_trainable, "frozen_params": n_frozen,
               "compile_s": round(compile_s, 1), "build_s": round(build_s, 1), "step_s": times, "loss": losses,
               "loss_finite": bool(np.all(np.isfinite(losses))),
               "trainable_tensors_changed": f"{sum(trainable_changed)}/{len(trainable_changed)}",
               "frozen_tensors_changed": f"{sum(frozen_changed)}/{len(frozen_changed)}",
+              "no_gradient_factors_still_zero": f"{sum(still_zero)}/{sum(still)}",
               "compiled_GiB": round(train_throughput.compiled_bytes(compiled) / 2**30, 2),
               "peak_host_GiB": round(peak_rss_gib(), 2)}
-    result["ok"] = bool(result["loss_finite"] and all(trainable_changed) and not any(frozen_changed))
+    moved_as_expected = all(c != s for c, s in zip(trainable_changed, still)) and all(still_zero)
+    result["ok"] = bool(result["loss_finite"] and moved_as_expected and not any(frozen_changed))
     return result
 
 
@@ -118,14 +143,14 @@ def memory(args) -> list[dict]:
     rows = []
     for remat in {"off": [False], "on": [True], "both": [False, True]}[args.remat]:
         for b in (int(v) for v in args.batches.split(",")):
-            cfg = train_throughput.step_config("sd14", b, remat, size=args.size)
+            cfg = train_throughput.step_config("sd14", b, remat, *lora(args), size=args.size)
             trainer = abstract_trainer(cfg, mesh=parallel.make_mesh(devices=jax.devices()[:1]))
             t0 = time.perf_counter()
             compiled = trainer.step_fn.lower(trainer.state, batch_spec(cfg)).compile()
             m = compiled.memory_analysis()
             gib = lambda n: round(n / 2**30, 2)  # noqa: E731
             row = {"what": f"compiled memory of the full-size train step ({jax.default_backend()} compile)",
-                   "batch": b, "remat": remat, "image_size": args.size, "frozen_dtype": cfg.model.frozen_dtype,
+                   "batch": b, "remat": remat, "lora_rank": args.lora, "image_size": args.size, "frozen_dtype": cfg.model.frozen_dtype,
                    "arguments_GiB": gib(m.argument_size_in_bytes), "temporaries_GiB": gib(m.temp_size_in_bytes),
                    "outputs_not_aliased_GiB": gib(m.output_size_in_bytes - m.alias_size_in_bytes),
                    "total_GiB": gib(train_throughput.compiled_bytes(compiled)),
@@ -144,6 +169,9 @@ def main(argv=None) -> int:
     m.add_argument("--batches", default="1,16,32")
     m.add_argument("--remat", choices=["off", "on", "both"], default="both")
     m.add_argument("--size", type=int, default=512, help="image side (default 512)")
+    for sub_parser in (s, m):
+        sub_parser.add_argument("--lora", type=int, default=0, metavar="RANK",
+                                help="the LoRA step at this rank (default 0: full fine-tuning)")
     args = p.parse_args(argv)
     if args.command == "step":
         result = step(args)
