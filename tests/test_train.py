@@ -241,29 +241,30 @@ from tests.test_train import micro_config
 from pbe_jax import parallel
 from pbe_jax.train.loop import build_trainer, make_loader
 assert len(jax.devices()) == 8
-cfg = micro_config("data.batch_size=8")
-batches = [next(it) for it in [make_loader(cfg, seed=0)] for _ in range(2)]
-results = {{}}
+batches = [next(it) for it in [make_loader(micro_config("data.batch_size=8"), seed=0)] for _ in range(2)]
 # data parallel over 2 and fsdp over 4 at once: the batch split one way, the parameters the other (a pure
-# data-parallel mesh is the same program with fsdp 1, and its gradient all-reduce is this one's over "data")
-for name, data, fsdp in (("single", 1, 1), ("fsdp", 2, 4)):
-    devices = jax.devices()[:1] if name == "single" else jax.devices()
-    t = build_trainer(cfg, mesh=parallel.make_mesh(data, fsdp, devices=devices))
-    losses = []
-    for b in batches:
-        t.state, m = t.step_fn(t.state, parallel.global_batch(b, t.mesh))
-        losses.append(float(m["loss"]))
-    results[name] = (losses, jax.tree.map(np.asarray, t.state.params))
-    if name == "fsdp":
-        specs = {{str(x.sharding.spec) for x in jax.tree.leaves(t.state.params)}}
-        assert any("fsdp" in s for s in specs), specs
-ref_l, ref_p = results["single"]
-for name in ("fsdp",):
-    l, p = results[name]
+# data-parallel mesh is the same program with fsdp 1, and its gradient all-reduce is this one's over "data").
+# Full fine-tuning, and LoRA, whose adapter's B·A is merged into the frozen UNet's fsdp-split weights.
+for lora in ([], ["model.lora.rank=2"]):
+    cfg = micro_config("data.batch_size=8", *lora)
+    results = {{}}
+    for name, data, fsdp in (("single", 1, 1), ("fsdp", 2, 4)):
+        devices = jax.devices()[:1] if name == "single" else jax.devices()
+        t = build_trainer(cfg, mesh=parallel.make_mesh(data, fsdp, devices=devices))
+        losses = []
+        for b in batches:
+            t.state, m = t.step_fn(t.state, parallel.global_batch(b, t.mesh))
+            losses.append(float(m["loss"]))
+        results[name] = (losses, jax.tree.map(np.asarray, t.state.params))
+        if name == "fsdp":
+            split = t.state.frozen if lora else t.state.params  # LoRA: the frozen UNet is what is large
+            specs = {{str(x.sharding.spec) for x in jax.tree.leaves(split)}}
+            assert any("fsdp" in s for s in specs), specs
+    (ref_l, ref_p), (l, p) = results["single"], results["fsdp"]
     np.testing.assert_allclose(l, ref_l, rtol=1e-4)
     err = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), p, ref_p)))
-    assert err < 1e-4, (name, err)
-print("OK", results["single"][0])
+    assert err < 1e-4, (lora, err)
+    print("OK", lora, ref_l)
 """
 
 
@@ -273,7 +274,7 @@ def test_sharded_step_equals_single_device():
     env = xla_env(xla_force_host_platform_device_count=8)
     r = subprocess.run([sys.executable, "-c", SHARDED.format(root=str(ROOT))], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=900)
-    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+    assert r.returncode == 0 and r.stdout.count("OK") == 2, r.stdout[-2000:] + r.stderr[-3000:]
 
 
 def assert_same_params(a, b):
