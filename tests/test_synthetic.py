@@ -267,3 +267,6 @@ def test_a_benchmark_of_what_is_new(tmp_path):
     assert evaluation.world(out)[1].endswith("followed by any of ['pink']")
     with pytest.raises(ValueError, match="'pink' is not one of this world's colours"):
         benchmark.make_item(0, image_size=64, reference_colour="pink")
+    with pytest.raises(ValueError, match="'pink' is not one of this world's colours"):  # before writing anything
+        benchmark.make_benchmark(tmp_path / "nothing", n=2, image_size=64, reference_colour="pink")
+    assert not (tmp_path / "nothing").exists()

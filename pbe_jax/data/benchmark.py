@@ -111,6 +111,13 @@ def _exemplar(attrs: dict, rotation: float, rng: np.random.Generator, size: int,
     return canvas[max(y0 - pad, 0):min(y1 + pad, size), max(x0 - pad, 0):min(x1 + pad, size)], radius
 
 
+def _colour_index(name: str | None, names: tuple[str, ...]) -> int | None:
+    """The index of colour `name` in a world's colour `names` (None for None)."""
+    if name is not None and name not in names:
+        raise ValueError(f"reference colour {name!r} is not one of this world's colours {list(names)}")
+    return None if name is None else names.index(name)
+
+
 def make_item(index: int, *, seed: int = BENCHMARK_SEED, image_size: int = 128,
               reference_size: int | None = None, extra_colours: tuple[str, ...] = (),
               reference_colour: str | None = None) -> Item:
@@ -118,10 +125,8 @@ def make_item(index: int, *, seed: int = BENCHMARK_SEED, image_size: int = 128,
     attributes, rotation and size from a scene of its own (reference_size², default image_size²). The
     world's colours are the base ones plus `extra_colours` (`synthetic.palette`); `reference_colour` (a name
     in that world) fixes the exemplar's colour."""
-    names, colours = synthetic.colour_names(extra_colours), synthetic.palette(extra_colours)
-    if reference_colour is not None and reference_colour not in names:
-        raise ValueError(f"reference colour {reference_colour!r} is not one of this world's colours {list(names)}")
-    fixed = None if reference_colour is None else names.index(reference_colour)
+    colours = synthetic.palette(extra_colours)
+    fixed = _colour_index(reference_colour, synthetic.colour_names(extra_colours))
     rng = np.random.default_rng([seed, index, ITEM_TAG])
     scene, original = _pick_target(rng, image_size, colours)
     box = _mask_box(original["extent"], image_size)
@@ -139,9 +144,12 @@ def make_item(index: int, *, seed: int = BENCHMARK_SEED, image_size: int = 128,
 
 def _settings(n: int, seed: int, image_size: int, reference_size: int | None, extra_colours: tuple[str, ...] = (),
               reference_colour: str | None = None) -> dict:
+    """The settings benchmark.json records; wrong colours are errors here, before anything is written."""
+    names = synthetic.colour_names(extra_colours)
+    _colour_index(reference_colour, names)
     return {"n": n, "seed": seed, "image_size": image_size, "reference_size": reference_size or image_size,
-            "shapes": list(synthetic.SHAPES), "colours": list(synthetic.colour_names(extra_colours)),
-            "patterns": list(synthetic.PATTERNS), "reference_colour": reference_colour}
+            "shapes": list(synthetic.SHAPES), "colours": list(names), "patterns": list(synthetic.PATTERNS),
+            "reference_colour": reference_colour}
 
 
 def make_benchmark(out_dir, n: int = 200, seed: int = BENCHMARK_SEED, image_size: int = 128,
