@@ -75,8 +75,8 @@ def release_freed_memory() -> None:
 
 
 def lora(args) -> list[str]:
-    """The overrides of a LoRA step (the frozen UNet stored in bf16, as the towers), or none."""
-    return [f"model.lora.rank={args.lora}", "model.frozen_dtype=bfloat16"] if args.lora else []
+    """The override of a LoRA step, or none (sd14 stores whatever is frozen in bf16: then the UNet too)."""
+    return [f"model.lora.rank={args.lora}"] if args.lora else []
 
 
 def step(args) -> dict:

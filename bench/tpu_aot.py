@@ -57,13 +57,15 @@ def cases() -> dict[str, list[str]]:
     # LoRA (docs/lora.md) against full fine-tuning at the same batch: on one v5e chip (16 GiB, no fsdp) and on
     # v5e-8 at its recommended fsdp 8 (full fine-tuning there: the train-v5e-8-… cases). Rank 16 on the
     # attention projections, the frozen base in bf16.
-    for topo, fsdp, per_chips in (("v5e-1", 1, (1, 2, 4, 8, 16)), ("v5e-8", 8, (16, 32))):
+    lora, full = ("lora", ["model.lora.rank=16"]), ("full", [])
+    for topo, fsdp, per_chips, kinds in (("v5e-1", 1, (1, 2, 4, 8, 16), (lora, full)),
+                                         ("v5e-8", 8, (16, 32), (lora,))):
         for per_chip in per_chips:
-            for kind, lora in (("lora", ["model.lora.rank=16"]), ("full", []))[:2 if fsdp == 1 else 1]:
+            for kind, overrides in kinds:
                 out[f"{kind}-{topo}-b{per_chip}"] = ["train", "--topology", topo, "--config", "sd14",
                                                      f"data.batch_size={per_chip * int(topo.split('-')[1])}",
                                                      "model.remat=False", "model.frozen_dtype=bfloat16",
-                                                     f"mesh_fsdp={fsdp}", *lora]
+                                                     f"mesh_fsdp={fsdp}", *overrides]
     for topo in TRAIN:
         for per_chip in (4, 16, 32, 64, 128, 256, 512):  # a batch that does not fit is refused in seconds
             for sampler, steps in (("plms", 50), ("dpmpp_2m", 20)):
