@@ -25,13 +25,18 @@ def load_image(path: storage.PathLike) -> Image.Image:
     try:
         with Image.open(storage.local_or_buffer(path)) as im:
             im.load()
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise ImageError(f"{path}: cannot read image ({e})") from e
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(im).astype(np.float64)
-        peak = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-        im = Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    return im
+    return to_8bit(im)
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float modes scaled to 8 bits ("L"); other modes unchanged."""
+    if im.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return im
+    a = np.asarray(im).astype(np.float64)
+    peak = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+    return Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
 
 
 def _as_uint8(a: np.ndarray, what: str) -> np.ndarray:

@@ -116,7 +116,8 @@ def gcs_emulator():
     gs://pbe-jax-test, and the environment that points this project's clients at it, set in os.environ for the
     rest of the session so that subprocesses inherit it: gcsfs (STORAGE_EMULATOR_HOST; EPATH_USE_TF=false, set
     above, makes epath use it rather than tf.io.gfile, whose GCS client has no endpoint setting) and tensorstore,
-    which writes orbax's arrays (TENSORSTORE_GCS_HTTP_URL, a fixed token). Stopped, and everything in it gone,
+    which writes orbax's arrays (TENSORSTORE_GCS_HTTP_URL, a fixed token), and array_record's GCS reader, which
+    reads prepared shards (CLOUD_STORAGE_EMULATOR_ENDPOINT). Stopped, and everything in it gone,
     at the end."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "fake_gcs.py"), "--port",
@@ -133,6 +134,7 @@ def gcs_emulator():
             time.sleep(0.1)
     url = f"http://127.0.0.1:{port}"
     env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake",
+           "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,  # array_record's GCS reader (google-cloud-cpp)
            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "NO_GCE_CHECK": "true"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

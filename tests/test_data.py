@@ -1,6 +1,7 @@
 """The host data pipeline: sources (TFDS mock data, folders), the paper's pair rules, and the grain loader's
 sharding, determinism, worker processes, skipped items and checkpointed position."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -101,6 +102,58 @@ def test_tfds_unknown_dataset_and_missing_field(tfds):
         source[0]
 
 
+def boxes_builder(tfds):
+    """A TFDS builder with coco/2017's image and objects/bbox features, made locally (no download)."""
+
+    class DummyBoxes(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3)),
+                "objects": tfds.features.Sequence({"bbox": tfds.features.BBoxFeature()})}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(8):
+                image = scene(40 + i, 30, (5, 6, 30 + i, 25), color=(i * 30, 0, 0))
+                yield i, {"image": image, "objects": {"bbox": [tfds.features.BBox(0.2, 5 / (40 + i), 25 / 30, (30 + i) / (40 + i))]}}
+
+    return DummyBoxes
+
+
+def test_tfds_from_a_bucket_with_worker_processes(tfds, loader, bucket_dir, tmp_path, monkeypatch):
+    """data.data_dir=gs://…: TFDS's ArrayRecord files read from the bucket (array_record's own GCS reader,
+    pointed at the local fake) by TfdsSource, in grain worker processes as in the main one."""
+    from pbe_jax import storage
+    from pbe_jax.data import sources
+
+    builder = boxes_builder(tfds)
+    builder(data_dir=str(tmp_path)).download_and_prepare(file_format="array_record")
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            storage.write_bytes(bucket_dir / path.relative_to(tmp_path).as_posix(), path.read_bytes())
+    monkeypatch.setitem(sources.TFDS_BOXES, "dummy_boxes", ("objects", "bbox"))
+    remote, local = TfdsSource("dummy_boxes", "train", data_dir=str(bucket_dir)), TfdsSource(
+        "dummy_boxes", "train", data_dir=str(tmp_path))
+    assert len(remote) == 8
+    for i in range(8):  # TFDS orders the examples by a hash of their keys: item i is not example i
+        a, b = remote[i], local[i]
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["boxes"], b["boxes"])
+        width = a["image"].shape[1]
+        np.testing.assert_allclose(a["boxes"], [[5, 6, width - 10, 25]], atol=1e-3)
+    kw = dict(batch_size=2, seed=0, image_size=32, reference_size=8, num_epochs=1)
+    plain = list(loader.make_loader(remote, **kw))
+    with loader.make_loader(remote, worker_count=1, **kw) as it:
+        workers = list(it)
+        assert it.stats == counts(examples=8)
+    assert len(plain) == 4
+    assert_same_batches(workers, plain)
+
+
 # -------------------------------------------------------------------------------------------- folder sources
 
 def save(path, array):
@@ -171,6 +224,98 @@ def test_folder_errors_name_the_file(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"empty \(no image has a .txt box file.*\): no images"):
         FolderSource(tmp_path / "empty")
+
+
+def test_folder_photos_are_upright_with_their_boxes(tmp_path):
+    """Every EXIF orientation: the image as a viewer shows it, and the boxes on the same pixels, given on the
+    displayed image (the default for one's own photos) or on the stored pixels (box_frame="stored")."""
+    from bad_images import with_orientation
+    from PIL import ImageOps
+
+    stored = scene(60, 40, (10, 5, 25, 30))
+    rows, stored_rows = [], []
+    for o in range(1, 9):
+        data = with_orientation(stored, o, "PNG")
+        (tmp_path / f"{o}.png").write_bytes(data)
+        shown = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / f"{o}.png")).convert("RGB"))
+        ys, xs = np.nonzero(shown[..., 0] > 128)
+        rows.append({"path": f"{o}.png", "boxes": [[int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]]})
+        stored_rows.append({"path": f"{o}.png", "boxes": [[10, 5, 25, 30]]})
+    (tmp_path / "shown.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "stored.jsonl").write_text("\n".join(json.dumps(r) for r in stored_rows))
+    displayed = FolderSource(tmp_path, tmp_path / "shown.jsonl")
+    as_stored = FolderSource(tmp_path, tmp_path / "stored.jsonl", box_frame="stored")
+    for i, row in enumerate(rows):
+        a, b = displayed[i], as_stored[i]
+        np.testing.assert_array_equal(a["image"], b["image"])
+        assert a["image"].shape == ((60, 40, 3) if i + 1 >= 5 else (40, 60, 3))
+        np.testing.assert_array_equal(a["boxes"], row["boxes"])
+        np.testing.assert_array_equal(b["boxes"], row["boxes"])
+        x0, y0, x1, y1 = row["boxes"][0]
+        assert (a["image"][y0:y1, x0:x1] == RED).all()
+
+
+def test_folder_large_jpegs_are_decoded_small_with_boxes_scaled(tmp_path):
+    rgb = np.zeros((600, 800, 3), np.uint8)
+    rgb[100:300, 200:600] = RED
+    Image.fromarray(rgb).save(tmp_path / "big.jpg", quality=95)
+    (tmp_path / "ann.jsonl").write_text(json.dumps({"path": "big.jpg", "boxes": [[200, 100, 600, 300]]}))
+    got = FolderSource(tmp_path, tmp_path / "ann.jsonl", max_short_side=150)[0]
+    assert got["image"].shape == (150, 200, 3)
+    np.testing.assert_allclose(got["boxes"], [[50, 25, 150, 75]])
+    inside = got["image"][30:70, 55:145].astype(int)
+    assert (abs(inside - RED) < 40).all()
+
+
+def odd_images(root):
+    """One of each kind of file real collections hold, with a box: {name: expected reason or None (usable)}."""
+    from bad_images import bomb_png, truncated_jpeg
+
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("CMYK").save(root / "cmyk.jpg")
+    Image.fromarray(rgb).convert("L").save(root / "gray.png")
+    Image.fromarray((rng.integers(0, 65536, (30, 40))).astype(np.uint16)).save(root / "sixteen.png")
+    palette = Image.fromarray(rgb).convert("P")
+    palette.info["transparency"] = 0
+    palette.save(root / "palette_alpha.png", transparency=0)
+    Image.fromarray(rgb).convert("LA").save(root / "gray_alpha.png")
+    Image.fromarray(np.concatenate([rgb, np.full((30, 40, 1), 9, np.uint8)], -1)).save(root / "rgba.png")
+    Image.fromarray(rgb[:2, :3]).save(root / "tiny.png")
+    (root / "bomb.png").write_bytes(bomb_png())
+    (root / "truncated.jpg").write_bytes(truncated_jpeg(rgb))
+    (root / "text.jpg").write_text("not an image")
+    expect = {"cmyk.jpg": None, "gray.png": None, "sixteen.png": None, "palette_alpha.png": None, "gray_alpha.png": None,
+              "rgba.png": None, "tiny.png": None, "bomb.png": "decompression_bomb", "truncated.jpg": "unreadable",
+              "text.jpg": "unreadable", "missing.jpg": "missing", "outside.png": "no_box"}
+    Image.fromarray(rgb).save(root / "outside.png")
+    boxes = {"tiny.png": [[0, 0, 3, 2]], "outside.png": [[50, 40, 90, 80], [-20, -20, -1, -1]]}
+    rows = [{"path": name, "boxes": boxes.get(name, [[2, 3, 30, 25]])} for name in expect]
+    (root / "ann.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return expect
+
+
+def test_no_bad_image_ends_a_run_from_a_folder(tmp_path, loader):
+    """Each odd file is converted to RGB or skipped and counted by its reason, through the loader with and
+    without worker processes."""
+    expect = odd_images(tmp_path)
+    source = FolderSource(tmp_path, tmp_path / "ann.jsonl")
+    for i, (name, reason) in enumerate(expect.items()):
+        if reason in (None, "no_box"):
+            got = source[i]
+            assert got["image"].dtype == np.uint8 and got["image"].ndim == 3 and got["image"].shape[2] == 3, name
+        else:
+            with pytest.raises(CorruptItem, match=re.escape(name)) as e:
+                source[i]
+            assert e.value.reason == reason, name
+    usable = sum(r is None for r in expect.values())
+    want = counts(examples=usable, rejected_decompression_bomb=1, rejected_unreadable=2, rejected_missing=1,
+                  rejected_no_box=1, skipped_boxes=2)
+    for workers in (0, 2):
+        with loader.make_loader(source, batch_size=1, seed=0, image_size=32, reference_size=8, num_epochs=1,
+                                worker_count=workers) as it:
+            assert len(list(it)) == usable
+            assert it.stats == want
 
 
 # ------------------------------------------------------------------------------------------------ pair rules
@@ -318,6 +463,12 @@ def ids(batch):
     return list(c[:, 0] + 256 * c[:, 1])
 
 
+def counts(**nonzero):
+    from pbe_jax.data.loader import STATS_KEYS
+
+    return {**dict.fromkeys(STATS_KEYS, 0), **nonzero}
+
+
 def take(it, k):
     return [next(it) for _ in range(k)]
 
@@ -338,7 +489,7 @@ def test_loader_batches(loader):
         assert batch["reference"].shape == (4, 16, 16, 3) and batch["reference"].dtype == np.uint8
         assert batch["box"].shape == batch["box_ext"].shape == (4, 4) and batch["box"].dtype == np.float32
         assert len(set(ids(batch))) == 4
-        assert it.stats == {"examples": 4, "rejected_corrupt": 0, "rejected_no_box": 0, "skipped_boxes": 4}
+        assert it.stats == counts(examples=4, skipped_boxes=4)
 
 
 def test_loader_epochs_shuffle_and_remainder(loader):
@@ -383,7 +534,7 @@ def test_loader_skips_and_counts_rejects(loader, tmp_path):
     it = loader.make_loader(FolderSource(tmp_path), batch_size=1, seed=0, image_size=32, reference_size=8,
                             num_epochs=1)
     assert len(list(it)) == 4
-    assert it.stats == {"examples": 4, "rejected_corrupt": 1, "rejected_no_box": 1, "skipped_boxes": 5}
+    assert it.stats == counts(examples=4, rejected_unreadable=1, rejected_no_box=1, skipped_boxes=5)
 
 
 def test_loader_raises_when_nearly_everything_is_rejected(loader):
@@ -431,9 +582,52 @@ def test_loader_workers_match_single_process_and_resume(loader, tmp_path):
         got = take(it, 2)
         state = json.loads(json.dumps(it.get_state()))
         got += take(it, 4)
-        assert it.stats == plain.stats and it.stats["rejected_corrupt"] >= 1
+        assert it.stats == plain.stats and it.stats["rejected_unreadable"] >= 1
     assert_same_batches(got, expect)
-    with loader.make_loader(source, worker_count=2, **kw) as resumed:
-        resumed.set_state(state)
-        assert_same_batches(take(resumed, 4), expect[2:])
-        assert resumed.stats == plain.stats
+    for workers in (2, 0, 1):  # the position is a count of items: any number of workers resumes it
+        with loader.make_loader(source, worker_count=workers, **kw) as resumed:
+            resumed.set_state(state)
+            assert_same_batches(take(resumed, 4), expect[2:])
+            assert resumed.stats == plain.stats
+    other = loader.make_loader(folder_of_pngs(tmp_path / "more", 13), **kw)
+    with pytest.raises(ValueError, match="saved data position is for a source of 12 items, this process's source "
+                                         "has 13"):
+        other.set_state(state)
+
+
+def small_shards(folder, sizes):
+    """Prepared shards written directly (`shards.write_shard`): shard k holds sizes[k] solid images."""
+    import io
+
+    from pbe_jax.data import shards
+
+    folder.mkdir()
+    (folder / shards.SETTINGS).write_text(json.dumps({"num_shards": len(sizes)}))
+    n = 0
+    for k, size in enumerate(sizes):
+        records = []
+        for _ in range(size):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((24, 30, 3), (n % 256, n // 256, 99), np.uint8)).save(buf, "PNG")
+            records.append(shards.encode(f"img{n}", [[2, 2, 28, 20]], buf.getvalue()))
+            n += 1
+        shards.write_shard(folder, k, len(sizes), records, {"images": size})
+    return shards.ShardSource(folder)
+
+
+def test_shard_source_items_and_each_process_opens_only_its_shards(tmp_path, loader):
+    source = small_shards(tmp_path / "s", [5, 5, 4, 6])
+    assert len(source) == 20
+    assert [source[i]["id"] for i in (0, 4, 5, 13, 14, 19)] == ["img0", "img4", "img5", "img13", "img14", "img19"]
+    assert ids({"reference": np.stack([source[i]["image"] for i in range(20)])}) == list(range(20))
+    with pytest.raises(IndexError):
+        source[20]
+    source = type(source)(tmp_path / "s")  # opened anew: no shard read yet
+    it = loader.make_loader(source, batch_size=2, seed=0, image_size=32, reference_size=8, num_epochs=1,
+                            process_index=1, process_count=2)
+    got = sum((ids(b) for b in it), [])
+    assert sorted(got) == list(range(10, 20))
+    assert sorted(source._readers) == [2, 3]  # items 10-19 live in shards 2 and 3 only
+    (tmp_path / "s" / "shard-00001-of-00004.json").unlink()
+    with pytest.raises(ValueError, match=r"1 of its 4 shards are not complete \(the first: shard-00001-of-00004\)"):
+        type(source)(tmp_path / "s")

@@ -12,15 +12,12 @@ import numpy as np
 
 from pbe_jax import images, storage
 from pbe_jax.batch import IMAGE_SUFFIXES
+from pbe_jax.data import photos
+from pbe_jax.data.photos import CorruptItem
 from pbe_jax.storage import Path, PathLike
 
 # Where each supported TFDS dataset keeps its boxes: a BBoxFeature, normalised (ymin, xmin, ymax, xmax).
 TFDS_BOXES = {"coco": ("objects", "bbox"), "open_images_v4": ("bobjects", "bbox")}
-
-
-class CorruptItem(ValueError):
-    """One item that cannot be read (an undecodable image, a malformed box file). The message names the file
-    or record; the loader skips the item and counts it."""
 
 
 def yxyx_to_pixels(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -42,8 +39,9 @@ class TfdsSource:
     """A TFDS dataset with boxes, read by random access with `tfds.data_source` (ArrayRecord files):
     `coco/2017` (boxes in objects/bbox) or `open_images_v4` (bobjects/bbox). The dataset must already be
     prepared in ArrayRecord format (`tfds build coco/2017 --file_format=array_record`); nothing is
-    downloaded. Only the image and the boxes are read: the other per-object fields (labels, areas) are not
-    needed and are never zipped with the boxes."""
+    downloaded. `data_dir` may be gs:// (array_record >= 0.8.6 reads it; older ones need a Cloud Storage FUSE
+    mount). Only the image and the boxes are read: the other per-object fields (labels, areas) are not needed
+    and are never zipped with the boxes."""
 
     def __init__(self, name: str, split: str, data_dir: str | Path | None = None):
         import tensorflow_datasets as tfds
@@ -122,7 +120,7 @@ def read_box_file(path: Path) -> np.ndarray:
     return np.asarray(rows, np.float32).reshape(-1, 4)
 
 
-class _Tree:
+class Tree:
     """Walking and listing a folder tree with string paths: `os` for a local one (fast over millions of
     files), epath for a bucket (gs://…, "/"-separated)."""
 
@@ -153,7 +151,7 @@ class _Tree:
         return os.path.relpath(path, self.root).split(os.sep)
 
 
-def _parallel_box_file(tree: _Tree, image: str) -> str | None:
+def _parallel_box_file(tree: Tree, image: str) -> str | None:
     """root/images/<dirs>/<stem>.<ext> -> root/bbox/<dirs>/<stem>.txt; None for an image outside images/."""
     parts = tree.relative_parts(image)
     if len(parts) < 2 or parts[0] != "images":
@@ -164,7 +162,7 @@ def _parallel_box_file(tree: _Tree, image: str) -> str | None:
 def scan_box_files(root: PathLike) -> list[tuple[str, str]]:
     """(image, box file) for every image under `root` that has a box file, folders and names in sorted order.
     Paths are kept as strings and folders listed once: the release's OpenImages tree has two million files."""
-    tree = _Tree(root)
+    tree = Tree(root)
     listed: dict[str, set[str]] = {}  # the bbox/ folders, listed when first needed
 
     def exists(path: str) -> bool:
@@ -203,12 +201,21 @@ class FolderSource:
       files are read with their image, so a malformed line raises CorruptItem (naming the file and the
       line) when that item is read.
 
-    Images are decoded in `__getitem__`; a missing or undecodable one raises CorruptItem naming the file."""
+    Images are decoded in `__getitem__` (`photos.decode`): turned upright by their EXIF orientation, with the
+    boxes given on the image as a viewer shows it (`box_frame` "displayed", the default: how one's own photos
+    are annotated) or on the stored pixels ("stored"); JPEGs larger than `max_short_side` on their shorter side
+    are decoded at a reduced scale (draft mode) and resized to it, the boxes scaled with them. An unusable
+    image raises CorruptItem with its reason (missing, unreadable, decompression bomb, too small: under
+    `min_short_side`)."""
 
-    def __init__(self, root: PathLike, annotations: PathLike | None = None):
+    def __init__(self, root: PathLike, annotations: PathLike | None = None, *, box_frame: str = "displayed",
+                 max_short_side: int | None = 1024, min_short_side: int = 0):
         self.root = storage.path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: not a folder")
+        if box_frame not in ("stored", "displayed"):
+            raise ValueError(f"box_frame must be 'stored' or 'displayed', not {box_frame!r}")
+        self.box_frame, self.max_short_side, self.min_short_side = box_frame, max_short_side, min_short_side
         if annotations is not None:
             self._items = read_jsonl(storage.path(annotations), self.root)
         else:
@@ -224,8 +231,6 @@ class FolderSource:
         path, boxes = self._items[i]
         if isinstance(boxes, str):
             boxes = read_box_file(boxes)
-        try:
-            image = images.to_rgb(images.load_image(path), str(path))
-        except images.ImageError as e:
-            raise CorruptItem(str(e)) from e
-        return {"image": image, "boxes": boxes, "id": str(path)}
+        photo = photos.decode(path, str(path), max_short_side=self.max_short_side,
+                              min_short_side=self.min_short_side)
+        return {"image": photo.rgb, "boxes": photo.boxes(boxes, self.box_frame), "id": str(path)}
