@@ -95,8 +95,8 @@ def main(argv=None) -> int:
         again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
         print(f"{e}; resume with: {shlex.join(['python', 'train.py', *again, '--resume'])}", flush=True)
         return 0
-    except OSError as e:  # an existing run without --resume, a missing folder, an unreachable bucket
-        print(f"error: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:  # an existing run without --resume, a missing folder, an unreachable
+        print(f"error: {e}", file=sys.stderr)  # bucket, data that cannot be read or resumed
         return 1
     print(f"done: {json.dumps(metrics)}")
     return 0

@@ -2,6 +2,7 @@
 survive SIGKILL and SIGTERM (preemption) in a bucket and on two processes, NaN handling and train.py end to
 end."""
 import json
+import math
 import os
 import signal
 import struct
@@ -397,11 +398,45 @@ def finish(procs, timeout=600):
     return [out for out, _ in outs]
 
 
+def folder_with_bad_files_in_one_share(root, n=24):
+    """n small photos with one box each, as a JSONL folder; in the second half (process 1's share of two) a
+    missing file, a truncated JPEG, a decompression bomb and an image whose box lies outside it."""
+    from bad_images import bomb_png, truncated_jpeg
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        rgb = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(root / f"{i}.jpg", quality=90)
+        rows.append({"path": f"{i}.jpg", "boxes": [[4, 5, 40, 36]]})
+    (root / "13.jpg").unlink()
+    (root / "15.jpg").write_bytes(truncated_jpeg(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)))
+    (root / "17.jpg").write_bytes(bomb_png())
+    rows[19]["boxes"] = [[60, 50, 90, 80]]
+    (root / "ann.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return ["data.source=folder", f"data.folder={root}", f"data.annotations={root / 'ann.jsonl'}"]
+
+
+def batch_log(workdir, process):
+    rows = [json.loads(x) for x in (Path(workdir) / "batches" / f"process_{process}.jsonl").read_text().splitlines()]
+    return {r["step"]: r["sha256"] for r in rows}
+
+
+def last_metrics(workdir):
+    return json.loads((Path(workdir) / "metrics.jsonl").read_text().splitlines()[-1])
+
+
 def test_two_processes_preempted_agree_on_the_step_and_resume_bit_identically(tmp_path):
-    """Two processes, parameters split over both. SIGTERM (twice) to one process only: both checkpoint the same
-    step (JAX's preemption sync point) and exit 0. Resumed to the end (with a sample grid drawn by process 0
-    from weights gathered on both, and the export), it equals an uninterrupted two-process run bit for bit."""
-    procs = run_two(tmp_path / "run", *FOREVER)
+    """Two processes, parameters split over both, reading a folder where process 1's share has a missing file, a
+    truncated JPEG, a decompression bomb and an image without a usable box, so the processes' data positions
+    differ. SIGTERM (twice) to one process only: both checkpoint the same step (JAX's preemption sync point) and
+    exit 0. Resumed to the end with another number of data workers (with a sample grid drawn by process 0 from
+    weights gathered on both, and the export), each process's batches equal an uninterrupted two-process run's,
+    batch for batch, the skip counters summed over both processes equal too, and the parameters bit for bit."""
+    data = [*folder_with_bad_files_in_one_share(tmp_path / "photos"), "log_batches=True"]
+    procs = run_two(tmp_path / "run", *data, *FOREVER)
     wait_for(tmp_path / "run" / "checkpoints" / "8" / "commit_success.txt", procs[0])
     procs[1].send_signal(signal.SIGTERM)
     time.sleep(0.5)
@@ -410,11 +445,32 @@ def test_two_processes_preempted_agree_on_the_step_and_resume_bit_identically(tm
     assert steps[0] == steps[1] and steps[0] >= 8, steps
     assert (tmp_path / "run" / "checkpoints" / str(steps[0]) / "commit_success.txt").is_file()
     end = steps[0] + 3
-    finish(run_two(tmp_path / "run", f"steps={end}", "ckpt_every=8", f"sample_every={end}", "sample_steps=2",
-                   "--resume"))
+    finish(run_two(tmp_path / "run", *data, f"steps={end}", "ckpt_every=8", f"sample_every={end}", "sample_steps=2",
+                   "data.workers=1", "--resume"))
     assert (tmp_path / "run" / "samples" / f"step_{end:07d}.png").is_file()
-    finish(run_two(tmp_path / "whole", f"steps={end}", "ckpt_every=1000", "sample_every=0"))
+    finish(run_two(tmp_path / "whole", *data, f"steps={end}", "ckpt_every=1000", "sample_every=0"))
+    for process in range(2):
+        resumed, whole = batch_log(tmp_path / "run", process), batch_log(tmp_path / "whole", process)
+        assert sorted(resumed) == list(range(1, end + 1))
+        assert resumed == whole, f"process {process}: batches differ at steps " \
+                                 f"{[s for s in whole if resumed.get(s) != whole[s]]}"
+    counts = {k: v for k, v in last_metrics(tmp_path / "whole").items() if k.startswith("data/")}
+    assert {k: v for k, v in last_metrics(tmp_path / "run").items() if k.startswith("data/")} == counts
+    for reason in ("missing", "unreadable", "decompression_bomb", "no_box"):  # all from process 1's share
+        assert counts[f"data/rejected_{reason}"] >= 1, counts
     assert_same_params(final_params(tmp_path / "whole"), final_params(tmp_path / "run"))
+
+
+def test_resume_refuses_other_data_before_building_anything(tmp_path):
+    """A checkpoint's data positions belong to its source and seed: another data.size is refused with one line,
+    before the model is built; another data.workers resumes (the stream does not depend on it)."""
+    r = run_train(tmp_path / "run", "steps=2", "ckpt_every=2", "sample_every=0", "export=False")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train(tmp_path / "run", "steps=3", "data.size=65", "--resume")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: cannot resume from step 2: data.size 64 → 65 since then, so the saved data positions do not apply; "
+        "resume with the saved values or use a new workdir")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -462,3 +518,21 @@ def test_train_cli_writes_metrics_samples_and_a_loadable_export(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path / "run"), "--export", "3"],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 1 and "no checkpoint at step 3 (there are: 2, 4)" in bad.stderr
+
+
+def test_train_cli_trains_from_prepared_shards(tmp_path):
+    """A folder of photos prepared into shards (`python -m pbe_jax.data.prepare folder`), then train.py with
+    data.source=shards: the run trains, and counts no rejected item (prepare kept only usable ones)."""
+    from pbe_jax.data import prepare
+
+    folder_with_bad_files_in_one_share(tmp_path / "photos")
+    out = tmp_path / "shards"
+    assert prepare.main(["folder", "--images", str(tmp_path / "photos"), "--annotations",
+                         str(tmp_path / "photos" / "ann.jsonl"), "--out", str(out), "--min-side", "16",
+                         "--images-per-shard", "8", "--min-box-area", "0.01"]) == 0
+    r = run_train(tmp_path / "run", "data.source=shards", f"data.path={out}", "steps=2", "sample_every=0",
+                  "export=False")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = last_metrics(tmp_path / "run")
+    assert m["step"] == 2 and math.isfinite(m["loss"]) and m["data/examples"] == 8
+    assert all(v == 0 for k, v in m.items() if k.startswith("data/rejected_"))

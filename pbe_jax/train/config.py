@@ -57,12 +57,15 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "synthetic"  # "tfds", "folder", "synthetic"
+    source: str = "synthetic"  # "shards", "tfds", "folder", "synthetic" (docs/data.md)
+    path: str = ""  # shards: a folder written by python -m pbe_jax.data.prepare (local, or a gcsfuse mount)
     name: str = "coco/2017"  # tfds: coco/2017 or open_images_v4
     split: str = "train"
     data_dir: str | None = None
     folder: str = ""  # folder: images + annotations
     annotations: str | None = None
+    box_frame: str = "displayed"  # folder: boxes on the upright image as a viewer shows it, or "stored" pixels
+    max_short_side: int = 1024  # folder: larger JPEGs decoded at a reduced scale (draft mode) and resized to it
     size: int = 10000  # synthetic: number of scenes
     scene_size: int = 0  # synthetic: side of the rendered scenes (0: image_size); pairs crop and resize them
     extra_colours: tuple[str, ...] = ()  # synthetic: colours added to the base world's (e.g. [pink]; docs/lora.md)
@@ -112,6 +115,9 @@ class TrainConfig:
     sample_every: int = 0  # 0: no sample grids during training
     sample_steps: int = 20
     export: bool = True  # write a diffusers folder at the end
+    # Write each process's batch fingerprints (step, SHA-256 of its local batch) to batches/process_<i>.jsonl,
+    # to check that a resumed run reads exactly what an uninterrupted one would.
+    log_batches: bool = False
 
 
 def load(name_or_path: str) -> TrainConfig:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 import time
 from typing import Any
@@ -75,16 +77,63 @@ def make_source(cfg: TrainConfig):
     from pbe_jax.data import sources
 
     d = cfg.data
+    if d.source == "shards":
+        from pbe_jax.data.shards import ShardSource
+
+        if not d.path:
+            raise ValueError("data.source=shards needs data.path: a folder written by python -m pbe_jax.data.prepare")
+        return ShardSource(d.path)
     if d.source == "tfds":
         return sources.TfdsSource(d.name, d.split, data_dir=d.data_dir)
     if d.source == "folder":
-        return sources.FolderSource(d.folder, annotations=d.annotations)
+        return sources.FolderSource(d.folder, annotations=d.annotations, box_frame=d.box_frame,
+                                    max_short_side=d.max_short_side or None)
     if d.source == "synthetic":
         from pbe_jax.data.synthetic import SyntheticSource
 
         return SyntheticSource(d.size, seed=cfg.seed, image_size=d.scene_size or d.image_size,
                                extra_colours=d.extra_colours)
-    raise ValueError(f"data.source must be 'tfds', 'folder' or 'synthetic', not {d.source!r}")
+    raise ValueError(f"data.source must be 'shards', 'tfds', 'folder' or 'synthetic', not {d.source!r}")
+
+
+# The data settings that decide which items each process reads, in which order: a data position saved under
+# other values means nothing (data.workers, the batch size or the pair settings may change).
+DATA_IDENTITY = ("source", "path", "name", "split", "data_dir", "folder", "annotations", "size", "scene_size",
+                 "extra_colours")
+
+
+class CannotResume(ValueError):
+    """The checkpoint's data positions cannot be used with this run's settings; the message says what changed."""
+
+
+def check_data_resumable(saved: dict, cfg: TrainConfig, step: int) -> None:
+    """Before anything is built: the settings in DATA_IDENTITY (and the seed) must be those saved with `step`."""
+    now = json.loads(json.dumps(to_dict(cfg)))
+    before = saved.get("data", {})
+    changed = [f"data.{k} {before.get(k)!r} → {now['data'][k]!r}" for k in DATA_IDENTITY if before.get(k) != now["data"][k]]
+    if saved.get("seed") != now["seed"]:
+        changed.append(f"seed {saved.get('seed')!r} → {now['seed']!r}")
+    if changed:
+        raise CannotResume(f"cannot resume from step {step}: {'; '.join(changed)} since then, so the saved data "
+                           f"positions do not apply; resume with the saved values or use a new workdir")
+
+
+def own_data_state(saved: dict, step: int) -> dict:
+    """This process's data position from the checkpoint's states of all processes."""
+    states = saved.get("processes")
+    if states is None:
+        raise CannotResume(f"cannot resume from step {step}: its data position was saved by an older version "
+                           f"(one for all processes); resume with that version or use a new workdir")
+    if len(states) != jax.process_count():
+        raise CannotResume(f"cannot resume from step {step}: it was saved by {len(states)} processes and this run "
+                           f"has {jax.process_count()}; each process's data position belongs to its own share of "
+                           f"the data, so resume with {len(states)} processes")
+    return states[jax.process_index()]
+
+
+def all_processes(value: Any) -> list:
+    """`value` (JSON) from every process, in order; with several processes, a collective."""
+    return parallel.gather_json(value) if jax.process_count() > 1 else [value]
 
 
 def make_loader(cfg: TrainConfig, seed: int):
@@ -317,14 +366,18 @@ def train(cfg: TrainConfig, workdir: PathLike, *, resume: bool = False, progress
         ckpt.close()
         raise FileExistsError(f"{workdir / 'checkpoints'} already has checkpoints; pass --resume to continue "
                               f"or choose another workdir")
-    trainer = build_trainer(cfg)
+    start, saved = latest or 0, None
+    if latest is not None:  # what would make the data positions meaningless, said before anything is built
+        saved = ckpt.config(start)  # on every process: orbax synchronises them
+        check_data_resumable(saved, cfg, start)
+        data_state = own_data_state(ckpt.data(start), start)
     loader = make_loader(cfg, seed=cfg.seed)
-    start = 0
     if latest is not None:
-        start = latest
-        trainer.state, data_state = ckpt.restore(start, abstract(trainer.state, trainer.shardings))
         loader.set_state(data_state)
-        changed = differences(ckpt.config(start), to_dict(cfg))  # on every process: orbax synchronises them
+    trainer = build_trainer(cfg)
+    if latest is not None:
+        trainer.state = ckpt.restore(start, abstract(trainer.state, trainer.shardings))
+        changed = differences(saved, to_dict(cfg))
         if lead:
             print(f"resumed from step {start}")
             if changed:  # on purpose (more steps, another lr) or not (a forgotten override): said either way
@@ -334,6 +387,10 @@ def train(cfg: TrainConfig, workdir: PathLike, *, resume: bool = False, progress
         with make_loader(cfg, seed=cfg.seed + 1) as held_out:
             sample_batch = next(held_out)
     writer = MetricsWriter(workdir, enabled=lead)
+    batch_log = None
+    if cfg.log_batches:
+        (workdir / "batches").mkdir(parents=True, exist_ok=True)
+        batch_log = storage.AppendLog(workdir / "batches" / f"process_{jax.process_index()}.jsonl")
     bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not (progress and lead))
     last_good, pending, metrics, t0, n0 = start, None, {}, time.perf_counter(), start
     preempted = None
@@ -346,13 +403,24 @@ def train(cfg: TrainConfig, workdir: PathLike, *, resume: bool = False, progress
         return m
 
     def save(step: int) -> None:
-        ckpt.save(step, trainer.state, loader.get_state(), to_dict(cfg))
+        ckpt.save(step, trainer.state, {"processes": all_processes(loader.get_state())}, to_dict(cfg))
         writer.flush()  # the metrics in storage reach at least as far as the checkpoint
+        if batch_log is not None:
+            batch_log.flush()
+
+    def data_stats() -> dict:
+        """The data counters summed over all processes (a collective)."""
+        every = all_processes(loader.stats)
+        return {f"data/{k}": sum(s[k] for s in every) for k in every[0]}
 
     try:
         with PreemptionWatch() as watch:
             for step in range(start, cfg.steps):
-                batch = parallel.global_batch(next(loader), trainer.mesh)
+                local = next(loader)
+                if batch_log is not None:
+                    digest = hashlib.sha256(b"".join(local[k].tobytes() for k in sorted(local))).hexdigest()
+                    batch_log.write(json.dumps({"step": step + 1, "sha256": digest}) + "\n")
+                batch = parallel.global_batch(local, trainer.mesh)
                 trainer.state, m = trainer.step_fn(trainer.state, batch)
                 if pending is not None:  # read the previous step's loss while this one runs
                     metrics = check(*pending)
@@ -365,7 +433,7 @@ def train(cfg: TrainConfig, workdir: PathLike, *, resume: bool = False, progress
                     dt = time.perf_counter() - t0
                     rate = (done - n0) / dt
                     log = {**metrics, "steps_per_s": rate, "samples_per_s": rate * cfg.data.batch_size,
-                           **{f"data/{k}": v for k, v in getattr(loader, "stats", {}).items()}}
+                           **data_stats()}
                     writer.write(done, log)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", steps_s=f"{rate:.2f}",
                                     samples_s=f"{rate * cfg.data.batch_size:.1f}")
@@ -388,6 +456,8 @@ def train(cfg: TrainConfig, workdir: PathLike, *, resume: bool = False, progress
         loader.close()
         ckpt.close()  # waits for the last save to be complete in storage
         writer.close()
+        if batch_log is not None:
+            batch_log.close()
     if preempted is not None:
         raise Preempted(preempted, str(workdir / "checkpoints"))
     if cfg.export:
@@ -416,7 +486,7 @@ def export_checkpoint(workdir: PathLike, step: int | None = None, out: PathLike 
                                     f"{', '.join(map(str, steps))})")
         cfg = from_dict(ckpt.config(step), where=f"{workdir / 'checkpoints' / str(step)} config")
         trainer = build_trainer(cfg)
-        trainer.state, _ = ckpt.restore(step, abstract(trainer.state, trainer.shardings))
+        trainer.state = ckpt.restore(step, abstract(trainer.state, trainer.shardings))
     finally:
         ckpt.close()
     out = storage.path(out) if out is not None else workdir / ("export" if step == steps[-1] else f"export_{step}")
