@@ -105,3 +105,25 @@ def test_sample_throughput_reads_sampler_step_pairs():
     for bad in ("euler:20", "unipc", "unipc:0", "unipc:x"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected SAMPLER:STEPS"):
             sample_throughput.sampler_steps(bad)
+
+
+def test_input_pipeline_quick_reports_every_source_and_the_demand(tmp_path):
+    pytest.importorskip("grain")
+    pytest.importorskip("array_record")
+    out = tmp_path / "input_pipeline.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "input_pipeline.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report == json.loads(out.read_text())
+    assert set(report["sources"]) == {f"{kind}-{size}" for kind in ("shards", "folder")
+                                      for size in ("512", "1024x768", "12MP")}
+    assert report["sources"]["shards-12MP"]["size"] == [1365, 1024]  # stored with its shorter side at 1024
+    for row in report["sources"].values():
+        assert row["split"]["decode_ms"] > 0 and row["split"]["pair_ms"] > 0
+        assert row["workers_0"]["samples_per_s"] > 0 and row["workers_1"]["samples_per_s"] > 0
+    for topology in ("v5p-8", "v5e-8", "v6e-8"):
+        d = report["demand"][topology]
+        assert d["samples_per_s_per_host"] == pytest.approx(d["chips_per_host"] * d["roofline_samples_per_s_per_chip"],
+                                                            rel=1e-2)
+        assert set(d["cores_needed"]) == {"shards-512", "shards-12MP"}

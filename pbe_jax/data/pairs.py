@@ -6,8 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-
-from pbe_jax import images
+from PIL import Image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +43,17 @@ def _pixel_box(box: np.ndarray) -> np.ndarray:
     return np.concatenate([np.floor(box[:2]), np.ceil(box[2:])]).astype(np.int64)
 
 
-def _reference(image: np.ndarray, box: np.ndarray, pad: int, size: int) -> np.ndarray:
+def _resized(crop: Image.Image, size: int) -> np.ndarray:
+    """Bicubic to size², as `images.resize_rgb` (PIL returns a copy when the size already matches)."""
+    return np.asarray(crop.resize((size, size), Image.BICUBIC))
+
+
+def _reference(picture: Image.Image, box: np.ndarray, pad: int, size: int) -> np.ndarray:
     """The box padded by `pad` px where the image allows (the released code's min(10, free space)), resized
     to size² without keeping the aspect, as the released code does."""
-    h, w = image.shape[:2]
+    w, h = picture.size
     x0, y0, x1, y1 = box
-    crop = image[max(y0 - pad, 0):min(y1 + pad, h), max(x0 - pad, 0):min(x1 + pad, w)]
-    return images.resize_rgb(crop, (size, size))
+    return _resized(picture.crop((max(x0 - pad, 0), max(y0 - pad, 0), min(x1 + pad, w), min(y1 + pad, h))), size)
 
 
 def _extend(box: np.ndarray, height: int, width: int, extend_max: float, rng: np.random.Generator) -> np.ndarray:
@@ -84,21 +87,13 @@ def _square(ext: np.ndarray, height: int, width: int, shrink_max: float,
             rng: np.random.Generator) -> tuple[int, int, int]:
     """(x, y, side): as the released code, a square of side min(H, W) at a random position containing the
     extended box, then shrunk on every side by a random margin up to `shrink_max` × the smallest free space
-    around the extended box. A box longer than min(H, W) makes the square that long (see `_crop`)."""
+    around the extended box. A box longer than min(H, W) makes the square that long, and PIL's crop fills
+    the part outside the image with zeros."""
     side = max(min(height, width), ext[2] - ext[0], ext[3] - ext[1])
     x, y = _position(ext[0], ext[2], width, side, rng), _position(ext[1], ext[3], height, side, rng)
     free = min(ext[0] - x, ext[1] - y, x + side - ext[2], y + side - ext[3])
     margin = int(rng.integers(0, int(shrink_max * free) + 1))
     return x + margin, y + margin, side - 2 * margin
-
-
-def _crop(image: np.ndarray, x: int, y: int, side: int) -> np.ndarray:
-    """image[y:y+side, x:x+side], with zeros where the square leaves the image."""
-    h, w = image.shape[:2]
-    out = np.zeros((side, side, 3), np.uint8)
-    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + side, w), min(y + side, h)
-    out[y0 - y:y1 - y, x0 - x:x1 - x] = image[y0:y1, x0:x1]
-    return out
 
 
 def make_pair(item: dict, rng: np.random.Generator, config: PairConfig = PairConfig()) -> dict:
@@ -123,7 +118,10 @@ def make_pair(item: dict, rng: np.random.Generator, config: PairConfig = PairCon
                          f"image, or under {config.min_box_fraction:.2%} of its area)")
     box = boxes[rng.integers(len(boxes))]
     pixel_box = _pixel_box(box)
-    reference = _reference(image, pixel_box, config.pad, config.reference_size)
+    # Resampling is most of a pair's cost and must stay PIL's; the image goes to PIL once, and both crops are
+    # cut and resized there rather than copied through numpy arrays on the way.
+    picture = Image.fromarray(image)
+    reference = _reference(picture, pixel_box, config.pad, config.reference_size)
     ext = _extend(pixel_box, h, w, config.extend_max, rng)
     ext = _fit_extension(ext, pixel_box, min(h, w))
     x, y, side = _square(ext, h, w, config.shrink_max, rng)
@@ -133,6 +131,6 @@ def make_pair(item: dict, rng: np.random.Generator, config: PairConfig = PairCon
     def to_crop(b):
         return np.clip((b - origin) * (size / side), 0, size).astype(np.float32)
 
-    return {"image": images.resize_rgb(_crop(image, x, y, side), (size, size)), "reference": reference,
+    return {"image": _resized(picture.crop((x, y, x + side, y + side)), size), "reference": reference,
             "box": to_crop(box.astype(np.float64)), "box_ext": to_crop(ext.astype(np.float64)),
             "skipped_boxes": np.int32(skipped)}

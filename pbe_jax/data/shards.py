@@ -53,7 +53,7 @@ def decode(record: bytes, what: str) -> dict:
     try:
         header, data = decode_header(record)
         with Image.open(io.BytesIO(data)) as im:
-            rgb = np.asarray(im.convert("RGB"))
+            rgb = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # convert would copy an RGB image
         boxes = np.asarray(header["boxes"], np.float32).reshape(-1, 4)
         return {"image": rgb, "boxes": boxes, "id": header["id"]}
     except (OSError, ValueError, KeyError, struct.error, SyntaxError) as e:
