@@ -3,7 +3,8 @@
     python train.py --config tiny --workdir runs/tiny                    # a small model on a laptop CPU
     python train.py --config sd14 --workdir runs/sd14 \\
         model.sd_folder=/data/stable-diffusion-v1-4 model.clip_folder=/data/clip-vit-large-patch14 \\
-        data.source=tfds data.name=open_images_v4       # (model.sd_file=sd-v1-4.ckpt: an SD v1 single file)
+        data.source=shards data.path=gs://b/oi          # shards: python -m pbe_jax.data.prepare (docs/data.md);
+                                                         # model.sd_file=sd-v1-4.ckpt: an SD v1 single file
     python train.py --config sd14 --workdir runs/lora model.init=pbe model.pbe_folder=/data/Paint-by-Example \\
         model.lora.rank=16 data.source=folder data.folder=/data/mine   # LoRA on your own images (with
                                                                          # boxes): only the adapter trains

@@ -461,18 +461,6 @@ def test_two_processes_preempted_agree_on_the_step_and_resume_bit_identically(tm
     assert_same_params(final_params(tmp_path / "whole"), final_params(tmp_path / "run"))
 
 
-def test_resume_refuses_other_data_before_building_anything(tmp_path):
-    """A checkpoint's data positions belong to its source and seed: another data.size is refused with one line,
-    before the model is built; another data.workers resumes (the stream does not depend on it)."""
-    r = run_train(tmp_path / "run", "steps=2", "ckpt_every=2", "sample_every=0", "export=False")
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = run_train(tmp_path / "run", "steps=3", "data.size=65", "--resume")
-    assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1] == (
-        "error: cannot resume from step 2: data.size 64 → 65 since then, so the saved data positions do not apply; "
-        "resume with the saved values or use a new workdir")
-
-
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     r = run_train(tmp_path / "run", "steps=20", "ckpt_every=1", "optim.lr=1e30", "optim.clip_norm=0")
     assert r.returncode == 2, r.stderr[-3000:]
@@ -522,7 +510,9 @@ def test_train_cli_writes_metrics_samples_and_a_loadable_export(tmp_path):
 
 def test_train_cli_trains_from_prepared_shards(tmp_path):
     """A folder of photos prepared into shards (`python -m pbe_jax.data.prepare folder`), then train.py with
-    data.source=shards: the run trains, and counts no rejected item (prepare kept only usable ones)."""
+    data.source=shards: the run trains, and counts no rejected item (prepare kept only usable ones). Its
+    checkpoint's data positions belong to those shards: --resume on other data is refused with one line, before
+    the model is built."""
     from pbe_jax.data import prepare
 
     folder_with_bad_files_in_one_share(tmp_path / "photos")
@@ -536,3 +526,8 @@ def test_train_cli_trains_from_prepared_shards(tmp_path):
     m = last_metrics(tmp_path / "run")
     assert m["step"] == 2 and math.isfinite(m["loss"]) and m["data/examples"] == 8
     assert all(v == 0 for k, v in m.items() if k.startswith("data/rejected_"))
+    r = run_train(tmp_path / "run", "data.source=synthetic", "steps=3", "--resume")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: cannot resume from step 2: data.source 'shards' → 'synthetic'; data.path '{out}' → '' since then, "
+        f"so the saved data positions do not apply; resume with the saved values or use a new workdir")
