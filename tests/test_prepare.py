@@ -1,23 +1,21 @@
 """`python -m pbe_jax.data.prepare` on small collections in each format, with every kind of image that a real
 collection holds (EXIF orientations, CMYK, 16-bit, palettes, bombs, truncated and missing files): what is kept,
 what is skipped and why, boxes that land on the pixels they name, machines and workers that split the work, reruns
-that finish it, and a bucket as the output."""
+that finish it, and a bucket as the input and the output."""
 import csv
-import io
 import json
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from bad_images import bomb_png, truncated_jpeg
 from pbe_jax.data import prepare, shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,22 +37,6 @@ def save_jpeg(path: Path, a: np.ndarray, orientation: int | None = None, mode: s
     if orientation:
         exif[0x0112] = orientation
     Image.fromarray(a).convert(mode).save(path, "JPEG", quality=95, subsampling=0, exif=exif)
-
-
-def png_bomb() -> bytes:
-    """A PNG whose header claims 20000 × 20000 RGB pixels: PIL refuses it when opening it."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
-
-
-def truncated_jpeg() -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(scene((80, 60))).save(buffer, "JPEG")
-    return buffer.getvalue()[:len(buffer.getvalue()) // 2]
 
 
 def is_red(rgb: np.ndarray) -> np.ndarray:
@@ -139,8 +121,8 @@ def openimages(tmp_path_factory):
     for name in ("cmyk", "gray", "png16", "pal", "rgba"):
         add(name, (0.25, 0.25, 0.75, 0.75))
     save_jpeg(images / "train_1" / "tiny.jpg", scene((12, 12), []))
-    (images / "train_1" / "bomb.png").write_bytes(png_bomb())
-    (images / "train_1" / "trunc.jpg").write_bytes(truncated_jpeg())
+    (images / "train_1" / "bomb.png").write_bytes(bomb_png())
+    (images / "train_1" / "trunc.jpg").write_bytes(truncated_jpeg(scene((80, 60))))
     for name in ("tiny", "bomb", "trunc", "missing"):
         add(name, (0.25, 0.25, 0.75, 0.75))
     save_jpeg(images / "train_1" / "outside.jpg", scene((60, 60), [(30, 30, 60, 60)]))
@@ -305,10 +287,10 @@ def coco(tmp_path_factory):
     save_jpeg(images / "train2017" / "outside.jpg", scene((80, 80), [(0, 0, 40, 40)]))
     files_["train2017"]["outside.jpg"] = ((80, 80), [([0, 0, 40, 40], 0), ([90, 0, 20, 20], 0)])
     files_["train2017"]["missing.jpg"] = ((80, 80), [([0, 0, 40, 40], 0)])
-    (images / "train2017" / "bomb.png").write_bytes(png_bomb())
+    (images / "train2017" / "bomb.png").write_bytes(bomb_png())
     files_["train2017"]["bomb.png"] = ((20000, 20000), [([0, 0, 9000, 9000], 0)])
     (images / "val2017").mkdir(parents=True)
-    (images / "val2017" / "trunc.jpg").write_bytes(truncated_jpeg())
+    (images / "val2017" / "trunc.jpg").write_bytes(truncated_jpeg(scene((80, 60))))
     files_["val2017"]["trunc.jpg"] = ((80, 60), [([0, 0, 40, 40], 0)])
     save_jpeg(images / "val2017" / "tiny.jpg", scene((10, 10), []))
     files_["val2017"]["tiny.jpg"] = ((10, 10), [([0, 0, 5, 5], 0)])
@@ -336,7 +318,7 @@ def coco(tmp_path_factory):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "5 images of 10, 6 boxes" in done.stdout
-    return {"images": images, "out": out, "argv": argv}
+    return {"images": images, "out": out, "argv": argv, "root": root}
 
 
 def test_coco_on_the_command_line(coco):
@@ -355,7 +337,7 @@ def test_coco_on_the_command_line(coco):
         assert_box_on_red(got[f"val2017/{name}.jpg"], displayed_red_box(coco["images"] / "val2017/rot_stored.jpg")[0])
 
 
-def test_a_bucket_as_the_output(coco, bucket_dir, tmp_path, capsys):
+def test_a_bucket_as_the_input_and_the_output(coco, bucket_dir, tmp_path, capsys):
     assert prepare.main([*coco["argv"], "--out", str(bucket_dir)]) == 0
     local = info_json(coco["out"], capsys)[1]
     assert info_json(bucket_dir, capsys) == (0, local)
@@ -372,6 +354,16 @@ def test_a_bucket_as_the_output(coco, bucket_dir, tmp_path, capsys):
     for p in bucket_dir.iterdir():
         (copy / p.name).write_bytes(p.read_bytes())
     assert files(copy) == files(coco["out"])
+    # The images and annotations in the bucket too: the same shards.
+    from pbe_jax import storage
+
+    for path in sorted(coco["root"].rglob("*")):
+        if path.is_file() and coco["out"] not in path.parents:
+            storage.write_bytes(bucket_dir / "input" / path.relative_to(coco["root"]).as_posix(), path.read_bytes())
+    remote_argv = [str(bucket_dir / "input" / Path(a).relative_to(coco["root"])) if a.startswith(str(coco["root"]))
+                   else a for a in coco["argv"]]
+    assert prepare.main([*remote_argv, "--out", str(tmp_path / "from_bucket")]) == 0
+    assert files(tmp_path / "from_bucket") == files(coco["out"])
 
 
 # ------------------------------------------------------------------------------------------------ errors
