@@ -44,7 +44,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny", help="a name in configs/ or a path to a config file (default tiny)")
-    p.add_argument("--workdir", required=True, help="where checkpoints, metrics, samples and the export go")
+    p.add_argument("--workdir", help="where checkpoints, metrics, samples and the export go (needed to train or "
+                                     "--export; not with --show-config or --compile-only)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
     p.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--export", nargs="?", const="latest", metavar="STEP",
@@ -67,6 +68,8 @@ def main(argv=None) -> int:
     if args.export:
         if args.overrides or args.resume or args.show_config:
             p.error("--export takes the config saved with the checkpoint: no KEY=VALUE, --resume or --show-config")
+        if not args.workdir:
+            p.error("--export needs --workdir (the run whose checkpoint to export)")
         return export(args.workdir, args.export, args.export_to)
 
     from pbe_jax.train import config as config_lib
@@ -83,6 +86,8 @@ def main(argv=None) -> int:
         return compile_only(p, cfg, args)
     if args.slices != 1 or args.json:
         p.error("--slices and --json go with --compile-only")
+    if not args.workdir:
+        p.error("--workdir is needed to train (where checkpoints, metrics and the export go)")
 
     from pbe_jax.train.loop import TrainingDiverged, train
     from pbe_jax.train.preemption import Preempted

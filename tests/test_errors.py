@@ -1,6 +1,10 @@
 """Bad input fails with a message that names the file, the key and the shapes."""
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +13,7 @@ import torch
 from pbe_jax.convert import WeightsError, load, load_component
 from pbe_jax.convert.weights import load_file, save_safetensors
 from pbe_jax.models import ConfigError, UNetConfig, VAEConfig
+from pbe_jax.train import config as config_lib
 
 
 @pytest.fixture
@@ -115,3 +120,59 @@ def test_invalid_json_config(folder):
     (folder / "vae" / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"vae/config.json: not valid JSON"):
         load(folder)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_train_py(*args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), "--compile-cache", "off", *args],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("item, sentence", [
+    ("steps=abc", "steps=abc: steps takes an integer, not 'abc'"),
+    ("steps=1.5", "steps=1.5: steps takes an integer, not '1.5'"),
+    ("steps=True", "steps=True: steps takes an integer, not 'True'"),
+    ("data.batch_size=abc", "data.batch_size=abc: data.batch_size takes an integer, not 'abc'"),
+    ("optim.lr=fast", "optim.lr=fast: optim.lr takes a number, not 'fast'"),
+    ("model.remat=yes", "model.remat=yes: model.remat takes True or False, not 'yes'"),
+    ("model.lora=3", "model.lora=3: model.lora is a group of settings, set one of them: model.lora.rank, "),
+    ("steps.x=1", "config key 'steps.x' goes deeper than a setting: steps is a value"),
+])
+def test_override_value_of_the_wrong_type_is_refused(item, sentence):
+    with pytest.raises(ValueError) as e:
+        config_lib.override(config_lib.load("tiny"), [item])
+    assert str(e.value).startswith(sentence)
+
+
+def test_override_values_of_every_kind_parse():
+    cfg = config_lib.override(config_lib.load("tiny"), [
+        "steps=1e3", "seed=7", "optim.lr=1e-4", "optim.clip_norm=1", "model.remat=True", "model.ema=false",
+        "data.path=123", "data.name='coco/2017'", "data.data_dir=None", "data.annotations=a.json",
+        "model.lora.train=[conv_in, bottleneck]", "data.extra_colours=pink", "model.trainable=['unet']",
+        "model.unet.norm_num_groups=8", "model.vae.block_out_channels=[16, 32]"])
+    assert cfg.steps == 1000 and isinstance(cfg.steps, int) and cfg.seed == 7
+    assert cfg.optim.lr == 1e-4 and cfg.optim.clip_norm == 1.0 and isinstance(cfg.optim.clip_norm, float)
+    assert cfg.model.remat is True and cfg.model.ema is False
+    assert cfg.data.path == "123" and cfg.data.name == "coco/2017"
+    assert cfg.data.data_dir is None and cfg.data.annotations == "a.json"
+    assert cfg.model.lora.train == ("conv_in", "bottleneck") and cfg.data.extra_colours == ("pink",)
+    assert cfg.model.trainable == ("unet",)
+    assert cfg.model.unet["norm_num_groups"] == 8 and cfg.model.vae["block_out_channels"] == [16, 32]
+
+
+def test_train_py_bad_value_exits_1_before_the_workdir(tmp_path):
+    workdir = tmp_path / "run"
+    result = run_train_py("--workdir", str(workdir), "steps=abc")
+    assert result.returncode == 1, result.stderr
+    assert "error: steps=abc: steps takes an integer, not 'abc'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not workdir.exists()
+
+
+def test_train_py_show_config_needs_no_workdir():
+    result = run_train_py("--show-config", "steps=10")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == 10

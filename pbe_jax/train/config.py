@@ -4,6 +4,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -150,34 +152,77 @@ def _words(value: str) -> tuple[str, ...]:
 
 
 def override(cfg, assignments: list[str]):
-    """Apply `a.b=value` assignments (values as Python literals, else strings); unknown keys are errors."""
+    """Apply `a.b=value` assignments (values as Python literals, else strings); unknown keys are errors, and so
+    are values that do not fit their field's type (`steps=abc: steps takes an integer, not 'abc'`)."""
     for item in assignments:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r} is not of the form key=value")
-        cfg = _set(cfg, key.split("."), _parse(value), key)
+        cfg = _set(cfg, key.split("."), value, item)
     return cfg
 
 
-def _set(obj, parts: list[str], value, full: str):
+def _set(obj, parts: list[str], text: str, item: str):
+    full = item.partition("=")[0]
     names = {f.name for f in dataclasses.fields(obj)}
     if parts[0] not in names:
         raise ValueError(f"unknown config key {full!r} ({type(obj).__name__} has: {', '.join(sorted(names))})")
     current = getattr(obj, parts[0])
     if len(parts) > 1:
         if isinstance(current, dict):
-            new = {**current, parts[1]: value} if len(parts) == 2 else None
-            if new is None:
+            if len(parts) > 2:
                 raise ValueError(f"config key {full!r} goes deeper than a dict entry")
+            new = {**current, parts[1]: _parse(text)}
+        elif dataclasses.is_dataclass(current):
+            new = _set(current, parts[1:], text, item)
         else:
-            new = _set(current, parts[1:], value, full)
+            here = ".".join(full.split(".")[:len(full.split(".")) - len(parts) + 1])
+            raise ValueError(f"config key {full!r} goes deeper than a setting: {here} is a value")
     else:
-        if isinstance(current, tuple) and isinstance(value, list):
-            value = tuple(value)
-        elif isinstance(current, tuple) and isinstance(value, str):
-            value = _words(value)
-        new = value
+        new = _typed(typing.get_type_hints(type(obj))[parts[0]], current, text, item)
     return dataclasses.replace(obj, **{parts[0]: new})
+
+
+def _typed(kind, current, text: str, item: str):
+    """`text` as a value of the field type `kind` (whose current value is `current`), or a ValueError naming
+    the key, the type and the value."""
+    full = item.partition("=")[0]
+    value = _parse(text)
+    optional = False
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(kind))
+        kind = args[0] if len(args) == 1 else Any
+    if optional and value is None:
+        return None
+    if dataclasses.is_dataclass(kind):
+        keys = ", ".join(f"{full}.{f.name}" for f in dataclasses.fields(kind))
+        raise ValueError(f"{item}: {full} is a group of settings, set one of them: {keys}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if text.strip() in ("true", "false"):
+            return text.strip() == "true"
+        raise ValueError(f"{item}: {full} takes True or False, not {text!r}")
+    if kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{item}: {full} takes an integer, not {text!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{item}: {full} takes a number, not {text!r}")
+    if kind is str:
+        return value if isinstance(value, str) else text  # `data.path=123` is the string "123"
+    if kind is tuple or typing.get_origin(kind) is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        return _words(text)
+    if kind is dict:
+        return value  # a whole dict, as before
+    return value
 
 
 def to_dict(cfg) -> dict:
