@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -95,6 +96,20 @@ def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if rgb.shape[:2] == (h, w):
         return rgb
     return np.asarray(Image.fromarray(rgb).resize((w, h), Image.BICUBIC))
+
+
+def mask_for_source(mask: np.ndarray, size: tuple[int, int], what: str = "mask") -> np.ndarray:
+    """`mask` (H', W') at its source's size (height, width). A mask of the source's aspect ratio (to within a
+    pixel of rounding) is resized, with a warning that says so; one of another aspect ratio is refused, since
+    stretching it would move the edit."""
+    if mask.shape == tuple(size):
+        return mask
+    (mh, mw), (h, w) = mask.shape, size
+    if abs(mw * h - mh * w) > max(h, w):
+        raise ImageError(f"{what}: {mw}×{mh} has another aspect ratio than its source image ({w}×{h}); give a "
+                         f"mask of the source's size")
+    warnings.warn(f"{what}: {mw}×{mh}, resized to its source image's {w}×{h}", stacklevel=3)
+    return resize_mask(mask, size)
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:

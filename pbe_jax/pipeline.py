@@ -150,13 +150,18 @@ class PaintByExample:
         return self.models.vae.config.sample_size
 
     def preprocess(self, image, mask, reference, height: int = 512, width: int = 512) -> Inputs:
-        """PIL images, paths or arrays (single or batched; one reference or mask may serve every image)."""
+        """PIL images, paths or arrays (single or batched; one reference or mask may serve every image). A mask of
+        another size than its source is resized to it if its aspect ratio is the source's, with a warning, and
+        refused otherwise (`images.mask_for_source`)."""
         f = self.vae_factor
         if height % f or width % f:
             raise ValueError(f"height and width must be multiples of {f}, got {height}×{width}")
-        rgb = [images.resize_rgb(a, (height, width)) for a in _batch(image, None, images.to_rgb, "image")]
-        n = len(rgb)
-        masks = [images.resize_mask(m, (height, width)) for m in _batch(mask, n, images.to_mask, "mask")]
+        sources = _batch(image, None, images.to_rgb, "image")
+        n = len(sources)
+        masks = [images.mask_for_source(m, s.shape[:2], f"mask[{i}]" if n > 1 else "mask")
+                 for i, (m, s) in enumerate(zip(_batch(mask, n, images.to_mask, "mask"), sources))]
+        rgb = [images.resize_rgb(a, (height, width)) for a in sources]
+        masks = [images.resize_mask(m, (height, width)) for m in masks]
         refs = [self.processor(r) for r in _batch(reference, n, images.to_rgb, "reference")]
         source = np.stack(rgb)
         m = np.stack(masks)[..., None]

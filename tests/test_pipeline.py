@@ -141,8 +141,9 @@ def test_input_modes_and_sizes(pipes, tmp_path):
     m[20:40, 20:40] = 255
     Image.fromarray(np.stack([m] * 3, -1)).save(tmp_path / "mask_rgb.png")
     assert images.load_image(tmp_path / "deep.png").mode == "L"
-    x = ours.preprocess([tmp_path / "gray.png", tmp_path / "rgba.png", tmp_path / "deep.png"],
-                        tmp_path / "mask_rgb.png", rgb, height=32, width=32)
+    with pytest.warns(UserWarning, match=r"mask\[2\]: 64×64, resized to its source image's 32×32"):
+        x = ours.preprocess([tmp_path / "gray.png", tmp_path / "rgba.png", tmp_path / "deep.png"],
+                            tmp_path / "mask_rgb.png", rgb, height=32, width=32)
     assert x.image.shape == (3, 32, 32, 3) and x.keep.shape == (3, 32, 32, 1)
     assert set(np.unique(x.keep)) == {0.0, 1.0} and x.keep[0, 15, 15, 0] == 0.0 and x.keep[0, 2, 2, 0] == 1.0
     np.testing.assert_array_equal(x.image[0, ..., 0], x.image[0, ..., 1])  # grayscale repeated
@@ -152,6 +153,12 @@ def test_input_modes_and_sizes(pipes, tmp_path):
         ours.preprocess(tmp_path / "notes.txt", m, rgb)
     with pytest.raises(images.ImageError, match=r"mask: 2 given for 3 source images"):
         ours.preprocess([rgb] * 3, [m, m], rgb, height=32, width=32)
+    with pytest.raises(images.ImageError, match=r"mask: 64×48 has another aspect ratio than its source image "
+                                                 r"\(32×32\); give a mask of the source's size"):
+        ours.preprocess(rgb, m[:48], rgb, height=32, width=32)
+    wide = rng.integers(0, 256, (750, 1000, 3), dtype=np.uint8)  # a mask of its aspect, rounded: resized
+    with pytest.warns(UserWarning, match=r"mask: 333×250, resized to its source image's 1000×750"):
+        assert ours.preprocess(wide, np.ones((250, 333), np.float32), rgb, height=32, width=32).keep.max() == 0
     with pytest.raises(ValueError, match="multiples of 2"):
         ours.preprocess(rgb, m, rgb, height=31, width=32)
     with pytest.raises(ValueError, match="NCHW shape"):
