@@ -150,6 +150,17 @@ def main(argv=None) -> int:
 
     if args.distributed:
         parallel.initialize_distributed()  # before anything touches a device
+    args.jobs = None
+    if args.batch:  # a batch with nothing to do is an error before minutes of loading a model
+        from pbe_jax import batch
+
+        try:
+            args.jobs = batch.load_jobs(args.batch)
+        except batch.NoJobsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except (OSError, ValueError):
+            pass  # listed again and reported by run_batch, after the model's own errors
     try:
         pipe = PaintByExample.from_pretrained(args.pretrained, dtype=args.dtype, mesh=parallel.data_mesh(),
                                               lora=args.lora, lora_scale=args.lora_scale)
@@ -198,7 +209,7 @@ def run_batch(args, pipe, options) -> int:
     out = storage.path(args.out)
     try:
         storage.check_reachable(out)
-        jobs = batch.load_jobs(args.batch)
+        jobs = args.jobs if getattr(args, "jobs", None) else batch.load_jobs(args.batch)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

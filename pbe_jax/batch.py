@@ -58,8 +58,12 @@ def _strip_id(stem: str) -> str:
     return stem
 
 
-def layout_files(folder: Path) -> dict[str, dict[str, Path]]:
-    """The images of a COCOEE-layout folder by role ("source", "mask", "reference") and id."""
+class NoJobsError(ValueError):
+    """A manifest or COCOEE-layout folder that lists no edit at all."""
+
+
+def layout_dirs(folder: Path) -> dict[str, Path]:
+    """The source, mask and reference subfolders of a COCOEE-layout folder, by role."""
     folder = storage.path(folder)
     subdirs = {}
     for role, prefixes in LAYOUT.items():
@@ -67,8 +71,13 @@ def layout_files(folder: Path) -> dict[str, dict[str, Path]]:
         if not found:
             raise FileNotFoundError(f"{folder}: no {role} folder (expected one named {' or '.join(prefixes)}…)")
         subdirs[role] = found[0]
+    return subdirs
+
+
+def layout_files(folder: Path) -> dict[str, dict[str, Path]]:
+    """The images of a COCOEE-layout folder by role ("source", "mask", "reference") and id."""
     return {role: {_strip_id(p.stem): p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-            for role, d in subdirs.items()}
+            for role, d in layout_dirs(folder).items()}
 
 
 def read_layout(folder: Path) -> list[Job]:
@@ -83,12 +92,32 @@ def read_layout(folder: Path) -> list[Job]:
     return [Job(i, files["source"][i], files["mask"][i], files["reference"][i]) for i in ids]
 
 
+def _no_jobs(folder: Path) -> str:
+    """Why a COCOEE-layout folder lists no jobs: its subfolders without images (or, if none is empty, that no
+    source image has a mask and a reference)."""
+    dirs = layout_dirs(folder)
+    empty = [f"{d.name}/" for role, d in dirs.items()
+             if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in d.iterdir())]
+    if not empty:
+        return f"{folder}: no jobs: no source image has a matching mask and reference"
+    names = empty[0] if len(empty) == 1 else f"{', '.join(empty[:-1])} and {empty[-1]}"
+    return f"{folder}: no jobs: {names} {'holds' if len(empty) == 1 else 'hold'} no images"
+
+
 def load_jobs(spec: PathLike) -> list[Job]:
+    """The jobs of a COCOEE-layout folder or a JSONL manifest; NoJobsError when it lists none."""
     spec = storage.path(spec)
     if spec.is_dir():
-        return read_layout(spec)
+        jobs = read_layout(spec)
+        if not jobs:
+            raise NoJobsError(_no_jobs(spec))
+        return jobs
     if spec.is_file():
-        return read_manifest(spec)
+        jobs = read_manifest(spec)
+        if not jobs:
+            raise NoJobsError(f"{spec}: no jobs: the manifest lists no edits (expected one JSON object per line, with "
+                              f"source, mask and reference paths)")
+        return jobs
     raise FileNotFoundError(f"{spec}: neither a manifest file nor a folder")
 
 

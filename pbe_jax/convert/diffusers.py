@@ -20,7 +20,8 @@ from flax import nnx
 
 from pbe_jax import __version__, storage
 from pbe_jax.convert import mapping
-from pbe_jax.convert.weights import WeightsError, find_weights, load_file, save_safetensors
+from pbe_jax.convert.weights import (NOT_TORCH, SINGLE_FILE_SUFFIXES, WeightsError, find_weights, load_file,
+                                     looks_like_torch_file, save_safetensors)
 from pbe_jax.models import (AutoencoderKL, CLIPVisionConfig, ConfigError, PaintByExampleImageEncoder, Policy,
                             UNet2DConditionModel, UNetConfig, VAEConfig)
 from pbe_jax.storage import Path
@@ -155,12 +156,23 @@ def save_component(module: nnx.Module, folder: Path, name: str, *, format: str, 
         raise ValueError(f"format must be 'diffusers' or 'jax', not {format!r}")
 
 
+def _not_a_folder(path: Path) -> Exception:
+    """The error for a model path that is no folder: missing, or a file in no single-file format read here."""
+    if not path.is_file():
+        return FileNotFoundError(f"{path}: no such folder")
+    why = ("if it is a PyTorch checkpoint in that layout, rename it to .ckpt" if looks_like_torch_file(path)
+           else NOT_TORCH)
+    return WeightsError(f"{path}: a file, not a model folder, and not a checkpoint this reads: a whole model in "
+                        f"one file must be the original release's layout as "
+                        f"{', '.join(SINGLE_FILE_SUFFIXES[:-1])} or {SINGLE_FILE_SUFFIXES[-1]} ({why})")
+
+
 def load_folder(folder: str | Path, *, policy: Policy = Policy(), variant: str | None = None) -> PaintByExampleModels:
     """A whole Paint-by-Example folder, diffusers format or this project's checkpoint (`convert.load` takes
     single files too)."""
     folder = storage.path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder")
+        raise _not_a_folder(folder)
     index = folder / INDEX_FILE
     if storage.is_remote(folder) and not index.is_file():  # see storage.replace_folder
         raise FileNotFoundError(f"{folder}: no {INDEX_FILE}: not a pipeline folder, or one still being written (in a "
@@ -194,7 +206,7 @@ def load_folder_abstract(path: str | Path, *, policy: Policy = Policy()) -> Pain
     """`load_folder(path)` with shapes only: the folder's configs are read and its weights never."""
     path = storage.path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such folder")
+        raise _not_a_folder(path)
     configs = {name: read_config(path / name, name) for name in COMPONENTS}
     extras = {name: read_json(path / name / file) for name, file in PASSTHROUGH.items()
               if (path / name / file).is_file()}

@@ -76,8 +76,24 @@ def _damage(path: Path) -> str:
             io.BytesIO(path.read_bytes()) if storage.is_remote(path) else os.fspath(path))
     except OSError:
         cut = False
-    return ("it is a zip archive (torch.save's format) without its end: the file is truncated" if cut
-            else "it may be truncated or not a checkpoint")
+    if cut:
+        return "it is a zip archive (torch.save's format) without its end: the file is truncated"
+    return NOT_TORCH if not looks_like_torch_file(path) else "it may be truncated or not a checkpoint"
+
+
+NOT_TORCH = "it is neither a zip archive (torch.save's format) nor a pickle, so it is damaged or of another format"
+
+
+def looks_like_torch_file(path: Path) -> bool:
+    """Whether the file starts as torch.save writes: a zip archive, a pickle (protocol 2 or later, the legacy
+    format) or a tar archive (before torch 0.4). Unreadable files count as such (their error comes later)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(262)
+    except OSError:
+        return True
+    return (head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+            or head[257:262] == b"ustar")
 
 
 def _torch_load(path: Path):
@@ -86,8 +102,11 @@ def _torch_load(path: Path):
     try:
         import torch
     except ImportError as e:
-        raise WeightsError(f"{path} is a PyTorch pickle; reading it needs torch (pip install 'pbe-jax[torch]'), "
-                           f"or convert it to safetensors first") from e
+        if not looks_like_torch_file(path):  # what is wrong with the file comes before what is missing
+            raise WeightsError(f"{path}: cannot read this PyTorch checkpoint; {NOT_TORCH}") from None
+        raise WeightsError(f"{path} is a PyTorch pickle; reading it needs torch (pip install torch, or the "
+                           f"[torch] extra: pip install 'pbe-jax[torch]'), or convert it to safetensors where "
+                           f"torch is installed") from e
     data = path.read_bytes() if storage.is_remote(path) else None
 
     def src():
@@ -112,7 +131,10 @@ def _torch_load(path: Path):
             unsafe = refused_globals(e)
             if unsafe is None:
                 line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                raise WeightsError(f"{path}: cannot read this PyTorch checkpoint; {_damage(path)} "
+                damage = _damage(path)
+                if damage == NOT_TORCH:  # torch's own words add nothing (e.g. about weights_only) for such files
+                    raise WeightsError(f"{path}: cannot read this PyTorch checkpoint; {damage}") from e
+                raise WeightsError(f"{path}: cannot read this PyTorch checkpoint; {damage} "
                                    f"({type(e).__name__}: {line})") from e
             refused = [g for g in unsafe if not _STUBBED.match(g)]
             new = [g for g in unsafe if g not in stubs]
@@ -128,10 +150,10 @@ def read_pickle(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(tensors, the string entries at the pickle's top level) of a PyTorch weights file: a plain state dict,
     or a (Lightning) checkpoint with it under `state_dict`, nested once or twice (other entries, such as the
     epoch or optimizer states, are left out). Every entry of the state dict must be a tensor."""
+    path = storage.path(path)
+    sd = _torch_load(path)  # first: it explains a missing torch
     import torch
 
-    path = storage.path(path)
-    sd = _torch_load(path)
     meta = {k: v for k, v in sd.items() if isinstance(v, str)} if isinstance(sd, dict) else {}
     for _ in range(2):
         if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
