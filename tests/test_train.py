@@ -484,6 +484,10 @@ def test_train_cli_writes_metrics_samples_and_a_loadable_export(tmp_path):
     from pbe_jax.pipeline import PaintByExample
 
     pipe = PaintByExample.from_pretrained(tmp_path / "run" / "export")
+    assert pipe.default_size == 32  # the export records the size it was trained at (data.image_size)
+    vae = json.loads((tmp_path / "run" / "export" / "vae" / "config.json").read_text())
+    unet = json.loads((tmp_path / "run" / "export" / "unet" / "config.json").read_text())
+    assert (vae["sample_size"], unet["sample_size"]) == (32, 32 // 2 ** (len(vae["block_out_channels"]) - 1))
     rgb = np.zeros((32, 32, 3), np.uint8)
     mask = np.zeros((32, 32), np.uint8)
     mask[8:24, 8:24] = 255

@@ -168,6 +168,12 @@ class Trainer:
         nets = nets if nets is not None else self._nets(use_ema)
         if hasattr(nets, "lora"):  # the adapter merged into the UNet: the model it trains
             lora.apply(nets.unet, self.adapter(use_ema, nets), self.cfg.model.lora.config().scale)
+        # The size it was trained at becomes the model's default size (the configs' sample_size), so that an
+        # export of a 64² model is not sampled at 512² by default.
+        size = self.cfg.data.image_size
+        factor = 2 ** (len(nets.vae.config.block_out_channels) - 1)
+        nets.vae.config = dataclasses.replace(nets.vae.config, sample_size=size)
+        nets.unet.config = dataclasses.replace(nets.unet.config, sample_size=size // factor)
         return convert.PaintByExampleModels(nets.unet, nets.vae, nets.image_encoder, dict(self.extra_configs))
 
     def adapter(self, use_ema: bool = True, nets=None) -> "lora.Adapter | None":
