@@ -203,6 +203,15 @@ def run_loader(source, workers: int, batch_size: int, batches: int, warmup: int 
             "samples_per_cpu_s": round(n / cpu, 1) if cpu > 0 else None}
 
 
+def report(result: dict, out: str | None) -> None:
+    """Print the result as JSON, and write it to `out` too when given (the bench scripts of the data path)."""
+    text = json.dumps(result, indent=1)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    print(text)
+
+
 def demand(aot: Path, per_core: dict[str, float]) -> dict:
     """Per topology: the largest batch that fits, its roofline samples/s per chip, the samples/s one host's chips
     consume, and the cores that needs at each `per_core` rate (samples per CPU second)."""
@@ -255,11 +264,7 @@ def main(argv=None):
                            "cores_needed_at": f"samples_per_cpu_s with {workers[-1]} workers"},
               "sources": results,
               "demand": demand(Path(args.aot), per_core)}
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    report(result, args.out)
 
 
 if __name__ == "__main__":

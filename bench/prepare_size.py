@@ -37,7 +37,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from input_pipeline import QUALITY, jpeg, photo  # noqa: E402
+from input_pipeline import QUALITY, jpeg, photo, report  # noqa: E402
 
 SIZES = {"12MP": (4032, 3024), "1920x1080": (1920, 1080)}
 SHORT_SIDES = (512, 768, 1024, 1280)
@@ -165,11 +165,7 @@ def main(argv=None):
     for name, size in SIZES.items():
         result["sizes"][name] = measure(size, images, pairs_per_box, rng)
         print(json.dumps({name: result["sizes"][name]}), file=sys.stderr, flush=True)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    report(result, args.out)
 
 
 if __name__ == "__main__":

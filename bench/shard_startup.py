@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from input_pipeline import report  # noqa: E402
 
 
 def write(folder: Path, items: int, per_shard: int) -> float:
@@ -35,7 +37,7 @@ def write(folder: Path, items: int, per_shard: int) -> float:
     (folder / shards.SETTINGS).write_text(json.dumps({"num_shards": count, "items": items}))
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
-    done = shards.complete_shards(folder)
+    done = shards.complete_shards(folder, count)
     t0 = time.perf_counter()
     for k in range(count):
         if k in done:
@@ -96,10 +98,7 @@ def main(argv=None) -> int:
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
     result = {"machine": f"{os.cpu_count()} cores (the dev machine, shared with other work)", "items": args.items,
               "shards": -(-args.items // args.per_shard), "write_s": round(written_s, 1), "runs": rows}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    report(result, args.out)
     return 0
 
 

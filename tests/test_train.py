@@ -533,5 +533,5 @@ def test_train_cli_trains_from_prepared_shards(tmp_path):
     r = run_train(tmp_path / "run", "data.source=synthetic", "steps=3", "--resume")
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == (
-        f"error: cannot resume from step 2: data.source 'shards' → 'synthetic'; data.path '{out}' → '' since then, "
+        f"error: cannot resume from step 2: data.path: '{out}' → ''; data.source: 'shards' → 'synthetic' since then, "
         f"so the saved data positions do not apply; resume with the saved values or use a new workdir")

@@ -55,13 +55,11 @@ def orientation_of(im: Image.Image) -> int:
 @dataclasses.dataclass
 class Photo:
     """A decoded photo: `rgb` upright (EXIF applied) and at most `max_short_side` on its shorter side;
-    `scale` = its size over the stored file's (the same on both axes up to rounding: (sx, sy)), `orientation`
-    the EXIF tag that was applied, `stored_size` the file's (width, height) before anything."""
+    `orientation` the EXIF tag that was applied, `stored_size` the file's (width, height) before anything."""
 
     rgb: np.ndarray
     orientation: int
     stored_size: tuple[int, int]
-    scale: tuple[float, float]
 
     def boxes(self, boxes: np.ndarray, frame: str = "stored") -> np.ndarray:
         """Pixel boxes given on the stored file (`frame` "stored") or on the upright image as a viewer shows
@@ -121,10 +119,9 @@ def decode(source, what: str | None = None, *, max_short_side: int | None = None
             size = (max_short_side, round(h * max_short_side / w)) if w <= h else (round(w * max_short_side / h),
                                                                                   max_short_side)
             im = im.resize(size, Image.LANCZOS)
-        decoded = im.size
         if orientation in _TRANSPOSE:
             im = im.transpose(_TRANSPOSE[orientation])
         rgb = np.asarray(im)
     finally:
         im.close()
-    return Photo(rgb, orientation, stored, (decoded[0] / stored[0], decoded[1] / stored[1]))
+    return Photo(rgb, orientation, stored)

@@ -389,7 +389,7 @@ def run(args) -> dict:
     machine, machines = args.shard
     mine = [j for j in range(num_shards) if j % machines == machine]
     storage.refresh(args.out)
-    complete = {j: name for j, (n, name) in shards.complete_shards(args.out).items() if n == num_shards}
+    complete = shards.complete_shards(args.out, num_shards)
     todo = [j for j in mine if j not in complete]
     if len(todo) < len(mine):
         print(f"{args.out}: skipping {len(mine) - len(todo)} of this machine's {len(mine)} shards, complete "
@@ -408,7 +408,7 @@ def info(out: str) -> dict:
     """Totals over the complete shards of a prepared folder, and which shards are missing."""
     num_shards = shards.read_settings(out)["num_shards"]
     storage.refresh(out)
-    complete = {j: name for j, (n, name) in shards.complete_shards(out).items() if n == num_shards}
+    complete = shards.complete_shards(out, num_shards)
     total = empty_counts()
     for counts in shards.read_counts(out, [complete[j] for j in sorted(complete)]):
         add_counts(total, counts)

@@ -80,12 +80,12 @@ def write_shard(out: PathLike, index: int, count: int, records: Iterable[bytes],
     storage.write_text(out / f"{name}.json", json.dumps(counts, sort_keys=True) + "\n")
 
 
-def complete_shards(out: PathLike) -> dict[int, tuple[int, str]]:
-    """{index: (count, name)} of the shards of `out` that are complete (their `.json` exists)."""
+def complete_shards(out: PathLike, count: int) -> dict[int, str]:
+    """{index: name} of the shards "of `count`" in `out` that are complete (their `.json` exists)."""
     found = {}
     for name in storage.names(out):
-        if m := _NAME.match(name):
-            found[int(m.group(1))] = (int(m.group(2)), name[:-len(".json")])
+        if (m := _NAME.match(name)) and int(m.group(2)) == count:
+            found[int(m.group(1))] = name[:-len(".json")]
     return found
 
 
@@ -116,13 +116,13 @@ class ShardSource:
             raise ValueError(f"{path}: prepared shards are read from local paths or gs:// only")
         self.path = os.fspath(path).rstrip("/")
         self.settings = read_settings(self.path)
-        shards = complete_shards(self.path)
         total = self.settings["num_shards"]
+        shards = complete_shards(self.path, total)
         missing = sorted(set(range(total)) - set(shards))
         if missing:
             raise ValueError(f"{self.path}: {len(missing)} of its {total} shards are not complete (the first: "
                              f"{shard_name(missing[0], total)}); run the same prepare command again to finish them")
-        self.names = [shards[i][1] for i in range(total)]
+        self.names = [shards[i] for i in range(total)]
         sizes = [c["images"] for c in read_counts(self.path, self.names)]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._readers: dict[int, object] = {}

@@ -108,11 +108,8 @@ class CannotResume(ValueError):
 
 def check_data_resumable(saved: dict, cfg: TrainConfig, step: int) -> None:
     """Before anything is built: the settings in DATA_IDENTITY (and the seed) must be those saved with `step`."""
-    now = json.loads(json.dumps(to_dict(cfg)))
-    before = saved.get("data", {})
-    changed = [f"data.{k} {before.get(k)!r} → {now['data'][k]!r}" for k in DATA_IDENTITY if before.get(k) != now["data"][k]]
-    if saved.get("seed") != now["seed"]:
-        changed.append(f"seed {saved.get('seed')!r} → {now['seed']!r}")
+    keys = {"seed", *(f"data.{k}" for k in DATA_IDENTITY)}
+    changed = [d for d in differences(saved, to_dict(cfg)) if d.split(":")[0] in keys]
     if changed:
         raise CannotResume(f"cannot resume from step {step}: {'; '.join(changed)} since then, so the saved data "
                            f"positions do not apply; resume with the saved values or use a new workdir")
