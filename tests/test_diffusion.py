@@ -164,3 +164,60 @@ def test_a_written_schedule_config_is_one_diffusers_reads_back(spacing):
         pndm = PNDMScheduler.from_config(dict(config, skip_prk_steps=True))
         pndm.set_timesteps(10)
         assert list(pndm.timesteps) == list(make_tables(schedule, "plms", 10).timestep)
+
+
+SCHEDULERS = {"plms": lambda: PNDMScheduler(**CONFIG, skip_prk_steps=True), "ddim": lambda: DDIMScheduler(**CONFIG, clip_sample=False),
+              "dpmpp_2m": lambda: DPMSolverMultistepScheduler.from_config(CONFIG),
+              "unipc": lambda: UniPCMultistepScheduler.from_config(CONFIG)}
+
+
+@pytest.mark.parametrize("sampler", sorted(SCHEDULERS))
+@pytest.mark.parametrize("steps,strength", [(10, 0.5), (25, 0.3), (7, 0.99), (50, 0.8), (4, 0.25)])
+def test_strength_matches_the_inpaint_pipelines_get_timesteps_and_prepare_latents(sampler, steps, strength):
+    """strength < 1: the timesteps run are those diffusers' StableDiffusionInpaintPipeline.get_timesteps leaves
+    (called on the real scheduler), the first sample is the scheduler's add_noise of the clean latents at the
+    first of them (prepare_latents), and every step after it equals the scheduler's."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from pbe_jax.diffusion import start_noise
+
+    scheduler = SCHEDULERS[sampler]()
+    scheduler.set_timesteps(steps)
+    holder = type("Holder", (), {"scheduler": scheduler})()
+    timesteps, n = StableDiffusionInpaintPipeline.get_timesteps(holder, steps, strength, "cpu")
+    tables = make_tables(NoiseSchedule.from_config(CONFIG), sampler, steps, strength=strength)
+    assert list(tables.timestep) == [int(t) for t in timesteps]
+    assert n == min(int(steps * strength), steps)
+
+    rng = np.random.default_rng(steps)
+    x0, noise = (rng.standard_normal((2, 4, 6, 5)).astype(np.float32) for _ in range(2))
+    t0 = timesteps[:1].repeat(2)
+    ref = scheduler.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), t0)
+    a, s = start_noise(NoiseSchedule.from_config(CONFIG), sampler, steps, strength)
+    # The scheduler's own coefficients, to the ᾱ's last bits (torch.linspace rounds the betas differently, see
+    # test_schedule_matches_diffusers_alphas, and torch's x ** 0.5 is not a rounded sqrt).
+    one, zero = torch.ones(2, 1), torch.zeros(2, 1)
+    ref_a, ref_s = (scheduler.add_noise(*xz, t0)[0, 0].item() for xz in ((one, zero), (zero, one)))
+    np.testing.assert_allclose([a, s], [ref_a, ref_s], rtol=3e-6)
+    start = np.float32(a) * x0 + np.float32(s) * noise
+    np.testing.assert_allclose(start, ref.numpy(), rtol=0, atol=3e-6 * np.abs(start).max())
+
+    xt, expected = ref, []
+    for t in timesteps:
+        xt = scheduler.step(fake_eps(xt, t), t, xt).prev_sample
+        expected.append(xt.numpy())
+    ours = np.asarray(jax.jit(lambda x: sample(fake_eps, x, tables, trajectory=True))(start))
+    assert ours.shape[0] == len(expected)
+    for k, (o, r) in enumerate(zip(ours, expected)):
+        err = np.abs(o - r).max() / np.abs(r).max()
+        assert err <= 1e-5, (k, err)
+
+
+def test_strength_that_leaves_no_step_is_a_sentence():
+    from pbe_jax.diffusion import first_step
+
+    with pytest.raises(ValueError, match=r"strength 0.05 of 10 steps leaves no step to run"):
+        make_tables(NoiseSchedule(), "ddim", 10, strength=0.05)
+    for bad in (0.0, 1.5, -1):
+        with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
+            first_step(10, bad)

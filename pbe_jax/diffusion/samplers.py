@@ -77,10 +77,12 @@ def _leading_only(schedule: NoiseSchedule, sampler: str) -> None:
                          f"says {schedule.timestep_spacing!r})")
 
 
-def plms_tables(schedule: NoiseSchedule, steps: int) -> Tables:
+def plms_tables(schedule: NoiseSchedule, steps: int, start: int = 0) -> Tables:
+    """`start`: the first of the schedule's timesteps to run (see `first_step`): the list is sliced and the
+    method starts over on what is left, as PNDM does after diffusers' `get_timesteps`."""
     _leading_only(schedule, "plms")
     ts = schedule.inference_timesteps(steps)[::-1]  # ascending, as diffusers builds them
-    plms = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1]
+    plms = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1][start:]
     ratio = schedule.num_train_timesteps // steps
     rows = []
     n_hist = 0
@@ -109,13 +111,13 @@ def plms_tables(schedule: NoiseSchedule, steps: int) -> Tables:
     return _stack(rows)
 
 
-def ddim_tables(schedule: NoiseSchedule, steps: int, eta: float = 0.0) -> Tables:
+def ddim_tables(schedule: NoiseSchedule, steps: int, eta: float = 0.0, start: int = 0) -> Tables:
     if eta < 0:
         raise ValueError(f"eta must be ≥ 0, not {eta}")
     _leading_only(schedule, "ddim")
     ratio = schedule.num_train_timesteps // steps
     rows = []
-    for t in schedule.inference_timesteps(steps):
+    for t in schedule.inference_timesteps(steps)[start:]:
         t = int(t)
         a_t, a_prev = _alpha(schedule, t), _alpha(schedule, t - ratio)
         std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
@@ -134,17 +136,19 @@ class _Sigmas(NamedTuple):
     alpha: np.ndarray
     sigma: np.ndarray
     lam: np.ndarray
+    sigma_raw: np.ndarray  # σ_j as the scheduler stores them (float32)
 
 
 def _multistep_sigmas(schedule: NoiseSchedule, steps: int) -> _Sigmas:
     ts = schedule.multistep_timesteps(steps)
     full = ((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod) ** 0.5  # float32, as diffusers'
-    sig = np.concatenate([full[ts], [0.0]]).astype(np.float32).astype(np.float64)
+    raw = np.concatenate([full[ts], [0.0]]).astype(np.float32)
+    sig = raw.astype(np.float64)
     alpha = 1 / np.sqrt(sig ** 2 + 1)
     sigma = sig * alpha
     with np.errstate(divide="ignore"):
         lam = np.log(alpha) - np.log(sigma)  # +inf after the last step (σ = 0)
-    return _Sigmas(ts, alpha, sigma, lam)
+    return _Sigmas(ts, alpha, sigma, lam, raw)
 
 
 def _x0_row(s: _Sigmas, i: int) -> dict:
@@ -152,15 +156,16 @@ def _x0_row(s: _Sigmas, i: int) -> dict:
     return {"mx": 1 / s.alpha[i], "me": -s.sigma[i] / s.alpha[i]}
 
 
-def dpmpp_2m_tables(schedule: NoiseSchedule, steps: int) -> Tables:
+def dpmpp_2m_tables(schedule: NoiseSchedule, steps: int, start: int = 0) -> Tables:
+    """From step `start` (diffusers' `set_begin_index`): first order there, as at a fresh start."""
     s = _multistep_sigmas(schedule, steps)
     rows = []
-    for i in range(steps):
+    for i in range(start, steps):
         with np.errstate(over="ignore"):
             h = s.lam[i + 1] - s.lam[i]
             b = -s.alpha[i + 1] * np.expm1(-h)  # -α_t (e^{-h} - 1)
         w = np.zeros(HISTORY)
-        if i == 0 or i == steps - 1:  # first order: at the start, and at the final step (final sigma zero)
+        if i == start or i == steps - 1:  # first order: at the start, and at the final step (final sigma zero)
             w[3] = b
         else:  # midpoint: D = m0 + (m0 - m1) / (2 r0)
             r0 = (s.lam[i] - s.lam[i - 1]) / h
@@ -185,17 +190,18 @@ def _unipc_corrector_rhos(h: float, order: int, rk: float | None) -> np.ndarray:
     return np.linalg.solve(np.stack([rks ** (k - 1) for k in range(1, order + 1)]), np.array(b))
 
 
-def unipc_tables(schedule: NoiseSchedule, steps: int) -> Tables:
+def unipc_tables(schedule: NoiseSchedule, steps: int, start: int = 0) -> Tables:
+    """From step `start` (diffusers' `set_begin_index`): the warm-up counts from there."""
     s = _multistep_sigmas(schedule, steps)
 
     def order(i):  # lower order at the start (warm-up) and at the end (lower_order_final)
-        return min(2, steps - i, min(i, 2) + 1)
+        return min(2, steps - i, min(i - start, 2) + 1)
 
     rows = []
-    for i in range(steps):
+    for i in range(start, steps):
         # Corrector of this step's start sample, with this step's output (hist: m_i at 3, m_{i-1} at 2, ...).
         cx, cl, ch = 1.0, 0.0, np.zeros(HISTORY)
-        if i > 0:
+        if i > start:
             k = order(i - 1)
             h = s.lam[i] - s.lam[i - 1]
             rk = (s.lam[i - 2] - s.lam[i - 1]) / h if k == 2 else None
@@ -222,15 +228,47 @@ def unipc_tables(schedule: NoiseSchedule, steps: int) -> Tables:
     return _stack(rows)
 
 
-def make_tables(schedule: NoiseSchedule, sampler: str, steps: int, eta: float = 0.0) -> Tables:
+def first_step(steps: int, strength: float) -> int:
+    """Where a run of strength `strength` starts in a `steps`-step schedule: diffusers' `get_timesteps` of the
+    image-to-image and inpainting pipelines (the last int(steps · strength) steps are run)."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], not {strength}")
+    run = min(int(steps * strength), steps)
+    if run < 1:
+        raise ValueError(f"strength {strength} of {steps} steps leaves no step to run (int(steps · strength) = 0); "
+                         f"give more steps or a larger strength")
+    return steps - run
+
+
+def make_tables(schedule: NoiseSchedule, sampler: str, steps: int, eta: float = 0.0,
+                strength: float = 1.0) -> Tables:
+    """The rows of `sampler` over `steps` steps; with `strength` < 1, those of the steps that are run (the
+    timesteps diffusers' `get_timesteps` leaves, every scheduler here having order 1)."""
+    start = first_step(steps, strength) if strength != 1.0 else 0
     if sampler == "plms":
-        return plms_tables(schedule, steps)
+        return plms_tables(schedule, steps, start)
     if sampler == "ddim":
-        return ddim_tables(schedule, steps, eta)
+        return ddim_tables(schedule, steps, eta, start)
     if sampler == "dpmpp_2m":
-        return dpmpp_2m_tables(schedule, steps)
+        return dpmpp_2m_tables(schedule, steps, start)
     if sampler == "unipc":
-        return unipc_tables(schedule, steps)
+        return unipc_tables(schedule, steps, start)
+    raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
+
+
+def start_noise(schedule: NoiseSchedule, sampler: str, steps: int, strength: float) -> tuple[float, float]:
+    """(a, s) such that a run of strength < 1 starts from x = a · x₀ + s · ε: the scheduler's `add_noise` at
+    the first timestep run, in float32 as diffusers computes it (√ᾱ_t and √(1 − ᾱ_t) for PNDM and DDIM; for
+    the multistep solvers α = 1/√(σ² + 1) and σ·α from their σ at the begin index)."""
+    start = first_step(steps, strength)
+    if sampler in ("plms", "ddim"):
+        t = int(make_tables(schedule, sampler, steps, strength=strength).timestep[0])
+        ac = np.float32(schedule.alphas_cumprod[t])
+        return float(np.sqrt(ac)), float(np.sqrt(np.float32(1) - ac))  # torch's x ** 0.5: a rounded sqrt
+    if sampler in ("dpmpp_2m", "unipc"):
+        sigma = np.float32(_multistep_sigmas(schedule, steps).sigma_raw[start])
+        alpha = np.float32(1) / np.sqrt(sigma * sigma + np.float32(1))
+        return float(alpha), float(sigma * alpha)
     raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
 
 
