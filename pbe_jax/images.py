@@ -16,16 +16,41 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+# EXIF orientation tag (0x0112) -> the PIL transposes that make the stored pixels upright, as
+# `PIL.ImageOps.exif_transpose` applies them.
+ORIENTATION_TAG = 0x0112
+TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+             8: Image.Transpose.ROTATE_90}
+
+
+def orientation_of(im: Image.Image) -> int:
+    """The EXIF orientation (1-8) of an opened image; 1 when it has none or a malformed one."""
+    try:
+        value = int(im.getexif().get(ORIENTATION_TAG, 1))
+    except Exception:  # noqa: BLE001 -- a malformed EXIF block is ignored, as viewers ignore it
+        return 1
+    return value if value in TRANSPOSE else 1
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: turned by its EXIF orientation (unchanged when it has none)."""
+    orientation = orientation_of(im) if hasattr(im, "getexif") else 1
+    return im.transpose(TRANSPOSE[orientation]) if orientation in TRANSPOSE else im
+
+
 class ImageError(ValueError):
     """An input image that cannot be used; the message names the file or the argument."""
 
 
 def load_image(path: storage.PathLike) -> Image.Image:
-    """Open an image file (local or in a bucket); 16-bit and float modes are scaled to 8 bits, so any common
-    file gives an image that `to_rgb`/`to_mask` accept."""
+    """Open an image file (local or in a bucket), upright as a viewer shows it (its EXIF orientation applied);
+    16-bit and float modes are scaled to 8 bits, so any common file gives an image that `to_rgb`/`to_mask`
+    accept."""
     try:
         with Image.open(storage.local_or_buffer(path)) as im:
             im.load()
+            im = upright(im)
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise ImageError(f"{path}: cannot read image ({e})") from e
     return to_8bit(im)
@@ -56,9 +81,9 @@ def _as_uint8(a: np.ndarray, what: str) -> np.ndarray:
 
 def to_pil(x: Any, what: str) -> Image.Image:
     """A PIL image from a PIL image, a path, or an (H, W), (H, W, 1|3|4) array (uint8, uint16, bool, or float
-    in [0, 1])."""
+    in [0, 1]); images and files upright (EXIF orientation applied)."""
     if isinstance(x, Image.Image):
-        return x
+        return upright(x)
     if isinstance(x, (str, os.PathLike)):
         return load_image(x)
     a = np.asarray(x)

@@ -15,12 +15,8 @@ from pbe_jax import images, storage
 MISSING, UNREADABLE, BOMB, TOO_SMALL, NO_BOX = "missing", "unreadable", "decompression_bomb", "too_small", "no_box"
 REASONS = (MISSING, UNREADABLE, BOMB, TOO_SMALL, NO_BOX)
 
-# EXIF orientation tag (0x0112) -> the PIL transposes that make the stored pixels upright, as
-# `PIL.ImageOps.exif_transpose` applies them.
-ORIENTATION_TAG = 0x0112
-_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-              8: Image.Transpose.ROTATE_90}
+ORIENTATION_TAG, orientation_of = images.ORIENTATION_TAG, images.orientation_of
+_TRANSPOSE = images.TRANSPOSE
 
 
 class CorruptItem(ValueError):
@@ -42,14 +38,6 @@ def upright_boxes(boxes: np.ndarray, orientation: int, width: int, height: int) 
            5: (y0, x0, y1, x1), 6: (h - y1, x0, h - y0, x1), 7: (h - y1, w - x1, h - y0, w - x0),
            8: (y0, w - x1, y1, w - x0)}.get(orientation)
     return b if out is None else np.stack(out, axis=1).astype(np.float32)
-
-
-def orientation_of(im: Image.Image) -> int:
-    try:
-        value = int(im.getexif().get(ORIENTATION_TAG, 1))
-    except Exception:  # noqa: BLE001 -- a malformed EXIF block is ignored, as viewers ignore it
-        return 1
-    return value if value in _TRANSPOSE else 1
 
 
 @dataclasses.dataclass
