@@ -22,9 +22,18 @@ Fantasy-Studio/Paint-by-Example, 512² images), a checkpoint written by `python 
 original release's single file (model.ckpt, or a .safetensors of it), or a Hub repository id when the network
 allows. The working size defaults to the model's (512 for SD, 64 for the
 shipped model); use bfloat16 (the default on GPU/TPU) for SD-sized models.
-A manifest is JSONL with "source", "mask", "reference" (and optionally "id") per line; a COCOEE folder has
-source/ (or GT_*), mask/ (or Mask_*) and reference/ (or Ref_*) subfolders whose files share an id.
-Masks: white = the region to replace.
+A manifest is JSONL with "source", "mask", "reference" (and optionally "id") per line; "reference" may list
+several exemplars (one edit each, OUT/<id>_0.png, ...), and a line may set its own "padding_mask_crop",
+"mask_blur" and "strength". A COCOEE folder has source/ (or GT_*), mask/ (or Mask_*) and reference/ (or Ref_*)
+subfolders whose files share an id. Masks: white = the region to replace.
+
+A photo (any size, EXIF-rotated or not) is edited at its own size: every result has its source's size and
+orientation. With --padding-mask-crop PX the region around the mask (PX pixels of margin, grown to the working
+aspect ratio) is edited at the model's full working size and pasted back through the mask, so the rest of the
+photo is unchanged, bit for bit: the choice for a small object in a large photo. Without it the whole photo is
+the model's picture, at the working size and the photo's aspect ratio, resized back to the photo's size.
+    python sample.py --pretrained DIR --image photo.jpg --mask mask.png --reference ref.png --padding-mask-crop 32
+    python sample.py ... --reference a.png b.png c.png       # three exemplars for one photo, in one batch
 """
 import argparse
 import json
@@ -72,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the adapter's strength, times its alpha / rank (default 1)")
     p.add_argument("--image", help="source image (one edit)")
     p.add_argument("--mask", help="mask image, white = edit (one edit)")
-    p.add_argument("--reference", help="exemplar image (one edit)")
+    p.add_argument("--reference", nargs="+", help="exemplar image (one edit); several: one edit of the source for "
+                                                   "each, in one batch (out.png, out_1.png, ...)")
     p.add_argument("--batch", help="a JSONL manifest or a COCOEE-layout folder (many edits)")
     p.add_argument("--out", help=f"output PNG (one edit; default {DEFAULT_OUT}) or folder (batch, required)")
     p.add_argument("--samples", type=at_least(1), default=1,
@@ -91,9 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=at_least(0.0, float), default=0.0, help="DDIM η (default 0, deterministic; with --sampler ddim)")
     p.add_argument("--batch-size", type=at_least(1), default=8, help="images per step, split over all local devices")
     p.add_argument("--size", type=at_least(8), default=None,
-                   help="working resolution, a multiple of the autoencoder's factor (default: the model's, 512 for "
-                        "SD)")
-    p.add_argument("--keep-unmasked", action="store_true", help="paste the source back outside the mask")
+                   help="working resolution, size × size, a multiple of the autoencoder's factor (default: about the "
+                        "model's own pixel count, 512² for SD, at the aspect ratio of the photo or of the crop; give "
+                        "it for one compiled shape over a batch of photos of many shapes)")
+    p.add_argument("--padding-mask-crop", type=at_least(0), default=None, metavar="PX",
+                   help="edit only the region around the mask, PX pixels larger on each side and grown to the "
+                        "working aspect ratio, at the full working size, and paste it back into the photo through "
+                        "the mask (diffusers' padding_mask_crop): the rest of the photo is kept bit for bit. The "
+                        "choice for photos larger than the working size (default: no crop, the whole photo)")
+    p.add_argument("--mask-blur", type=at_least(0.0, float), default=0.0, metavar="R",
+                   help="feather the mask by a Gaussian of radius R photo pixels (diffusers' mask_processor.blur); "
+                        "the pasted edit then fades into the photo (default 0)")
+    p.add_argument("--strength", type=at_least(0.0, float), default=1.0, metavar="S",
+                   help="in (0, 1]: start from the source noised to S of the way (running the last S·steps steps), "
+                        "so the edit keeps the old region's layout; 1 = from pure noise (default)")
+    p.add_argument("--keep-unmasked", action="store_true", help="paste the source back outside the mask (without "
+                                                                "--padding-mask-crop, which always does)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--distributed", action="store_true",
@@ -109,18 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None, parser: argparse.ArgumentParser | None = None):
     p = parser or build_parser()
     args = p.parse_args(argv)
+    if not 0 < args.strength <= 1:
+        p.error(f"--strength must be in (0, 1], got {args.strength}")
     single = [args.image, args.mask, args.reference]
     if args.batch and any(single):
         p.error("give either --batch or --image/--mask/--reference, not both")
     if not args.batch and not any(single):  # the shipped example
-        args.image, args.mask, args.reference = (str(DEFAULT_EXAMPLE / f"{r}.png")
-                                                 for r in ("source", "mask", "reference"))
+        args.image, args.mask = (str(DEFAULT_EXAMPLE / f"{r}.png") for r in ("source", "mask"))
+        args.reference = [str(DEFAULT_EXAMPLE / "reference.png")]
     elif not args.batch and not all(single):
         p.error("one edit needs --image, --mask and --reference (or none of them for the shipped example)")
     if args.batch and not args.out:
         p.error("--batch needs --out, the results folder")
     if args.batch and args.samples != 1:
         p.error("--samples is for one edit only")
+    if not args.batch and len(args.reference) > 1 and args.samples != 1:
+        p.error("give several --reference images or --samples, not both")
     if args.lora_scale != 1.0 and not args.lora:
         p.error("--lora-scale needs --lora")
     if args.eta and args.sampler != "ddim":
@@ -167,33 +194,40 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:  # missing folder or file, unreachable bucket, weights, config or LoRA errors
         print(f"error: {e}", file=sys.stderr)
         return 1
-    size = args.size or pipe.default_size
-    if size % pipe.vae_factor:
-        parser.error(f"--size {size}: must be a multiple of {pipe.vae_factor}, this model's autoencoder factor")
+    if args.size and args.size % pipe.vae_factor:
+        parser.error(f"--size {args.size}: must be a multiple of {pipe.vae_factor}, this model's autoencoder factor")
     options = dict(steps=args.steps, guidance_scale=args.scale, sampler=args.sampler, eta=args.eta,
-                   height=size, width=size, keep_unmasked=args.keep_unmasked)
-    return (run_batch if args.batch else edit_one)(args, pipe, options)
+                   height=args.size, width=args.size, keep_unmasked=args.keep_unmasked,
+                   padding_mask_crop=args.padding_mask_crop, mask_blur=args.mask_blur, strength=args.strength)
+    from pbe_jax import memory
+
+    try:
+        return (run_batch if args.batch else edit_one)(args, pipe, options)
+    except memory.TooLargeError as e:  # refused before compiling, rather than killed for memory
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def edit_one(args, pipe, options) -> int:
     from pbe_jax import batch, images, storage
 
-    size = options["height"]
     try:
-        job = batch.Job("single", storage.path(args.image), storage.path(args.mask), storage.path(args.reference))
-        source, mask, reference = batch.check_inputs(job)
+        jobs = [batch.Job("single", storage.path(args.image), storage.path(args.mask), storage.path(r))
+                for r in args.reference]
+        inputs = [batch.check_inputs(job) for job in jobs]
     except images.ImageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    results = pipe(source, mask, reference, seed=args.seed, num_images_per_reference=args.samples, **options)
+    source, mask, _ = inputs[0]
+    references = [r for _, _, r in inputs]
+    results = pipe(source, mask, references, seed=args.seed, num_images_per_reference=args.samples, **options)
     out = storage.path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] + [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(1, len(results))]
     for result, path in zip(results, paths):
         batch.save_png(result, path)
     grid_path = out.with_name(out.stem + "_grid.png")
-    picture = batch.grid(images.resize_rgb(source, (size, size)), images.resize_mask(mask, (size, size)),
-                         reference, *results)
+    picture = batch.grid(source, mask, references[0], *results)
     batch.save_png(batch.enlarge(picture, GRID_HEIGHT), grid_path)
     print(f"wrote {', '.join(map(str, paths))} and {grid_path}")
     return 0
@@ -214,8 +248,8 @@ def run_batch(args, pipe, options) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
-    def edit(sources, masks, refs, seeds):
-        return pipe(sources, masks, refs, seed=seeds, **options)
+    def edit(sources, masks, refs, seeds, row_options):
+        return pipe(sources, masks, refs, seed=seeds, **{**options, **row_options})
 
     index, count = shard
     desc = "editing" if count == 1 else f"editing (shard {index}/{count})"

@@ -28,10 +28,34 @@ class Job:
     source: Path
     mask: Path
     reference: Path
+    options: tuple = ()  # (key, value) pairs of `OPTIONS` given for this job, over the run's own
+
+
+# Per-edit settings a manifest line may give (`PaintByExample.__call__`'s keyword arguments): checks and the
+# sentence a bad value gets.
+OPTIONS = {
+    "padding_mask_crop": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+                          "a whole number of pixels ≥ 0, or null for no crop"),
+    "mask_blur": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number ≥ 0"),
+    "strength": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
+                 "a number in (0, 1]"),
+}
+
+
+def _options(row: dict, where: str) -> tuple:
+    out = []
+    for key in sorted(OPTIONS.keys() & row.keys()):
+        ok, expected = OPTIONS[key]
+        if not ok(row[key]):
+            raise ValueError(f"{where}: {key} must be {expected}, not {json.dumps(row[key])}")
+        out.append((key, row[key]))
+    return tuple(out)
 
 
 def read_manifest(path: Path) -> list[Job]:
-    """JSONL, one edit per line: {"source": ..., "mask": ..., "reference": ..., "id": optional}; relative
+    """JSONL, one edit per line: {"source": ..., "mask": ..., "reference": ..., "id": optional}, and optionally
+    `OPTIONS` ("padding_mask_crop", "mask_blur", "strength") for that line. "reference" may be a list: one edit
+    of the source per exemplar, with ids "<id>_0", "<id>_1", … (consecutive, so one batch holds them). Relative
     paths are relative to the manifest (a path with a scheme, gs://…, is taken as it is)."""
     path = storage.path(path)
     jobs, seen = [], set()
@@ -40,14 +64,22 @@ def read_manifest(path: Path) -> list[Job]:
             continue
         try:
             row = json.loads(line)
-            paths = {k: path.parent / row[k] for k in ("source", "mask", "reference")}
+            source, mask = (path.parent / row[k] for k in ("source", "mask"))
+            refs = row["reference"]
+            listed = isinstance(refs, list)
+            refs = [path.parent / r for r in (refs if listed else [refs])]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}:{n}: expected a JSON object with source, mask and reference paths ({e})")
+        if not refs:
+            raise ValueError(f"{path}:{n}: \"reference\" is an empty list; give at least one exemplar")
+        options = _options(row, f"{path}:{n}")
         job_id = str(row.get("id", storage.path(row["source"]).stem))
-        if job_id in seen:
-            raise ValueError(f"{path}:{n}: id {job_id!r} appears twice; give each line a unique \"id\"")
-        seen.add(job_id)
-        jobs.append(Job(job_id, **paths))
+        ids = [f"{job_id}_{k}" for k in range(len(refs))] if listed else [job_id]
+        for i, ref in zip(ids, refs):
+            if i in seen:
+                raise ValueError(f"{path}:{n}: id {i!r} appears twice; give each line a unique \"id\"")
+            seen.add(i)
+            jobs.append(Job(i, source, mask, ref, options))
     return jobs
 
 
@@ -172,12 +204,13 @@ def failures_file(shard: tuple[int, int]) -> str:
     return "failures.jsonl" if count == 1 else f"failures.{index}-of-{count}.jsonl"
 
 
-def run(jobs: list[Job], out_dir: PathLike, edit: Callable[[list, list, list, list[int]], np.ndarray], *,
+def run(jobs: list[Job], out_dir: PathLike, edit: Callable[[list, list, list, list[int], dict], list], *,
         batch_size: int, seed: int, progress: Callable[..., Iterable] | None = None,
         shard: tuple[int, int] = (0, 1)) -> dict:
     """Edit every job of `shard` (index, count) whose output does not exist yet. `edit(sources, masks,
-    references, seeds)` returns uint8 images, and is always given `batch_size` rows (at most the number of jobs
-    in the whole list). Each job's seed is `seed` + its index in the whole list, so a resumed or sharded run
+    references, seeds, options)` returns uint8 images, and is always given `batch_size` rows (at most the number
+    of jobs in the whole list) of jobs with the same `options` (a dict of the manifest's per-line settings; jobs
+    are grouped by them, in order within a group). Each job's seed is `seed` + its index in the whole list, so a resumed or sharded run
     gives the same pictures (with the same `batch_size`). Unreadable inputs are skipped and recorded in
     this run's failures file (`failures_file(shard)`, rewritten by each run: every job without an output is
     tried again). Returns counts and the failure records."""
@@ -188,13 +221,16 @@ def run(jobs: list[Job], out_dir: PathLike, edit: Callable[[list, list, list, li
     mine = shard_of(jobs, *shard)
     finished = storage.names(out_dir)  # one listing, not a request per job (buckets)
     todo = [j for j in mine if output_path(out_dir, j).name not in finished]
+    groups: dict[tuple, list[Job]] = {}
+    for job in todo:
+        groups.setdefault(job.options, []).append(job)
     stats = {"total": len(mine), "skipped_done": len(mine) - len(todo), "written": 0, "failed": 0}
     records = []
     bar = progress(total=len(todo)) if progress else None
     t0 = time.perf_counter()
     failures = storage.AppendLog(out_dir / failures_file(shard), append=False)
     try:
-        for chunk in batches(todo, batch_size):
+        for chunk in (c for group in groups.values() for c in batches(group, batch_size)):
             ready, arrays = [], []
             for job in chunk:
                 try:
@@ -211,7 +247,8 @@ def run(jobs: list[Job], out_dir: PathLike, edit: Callable[[list, list, list, li
                 rows = [*arrays, *[arrays[-1]] * (batch_size - len(arrays))]
                 seeds = [seed + index[j.id] for j in ready]
                 sources, masks, refs = (list(x) for x in zip(*rows))
-                results = edit(sources, masks, refs, seeds + [seeds[-1]] * (batch_size - len(seeds)))
+                results = edit(sources, masks, refs, seeds + [seeds[-1]] * (batch_size - len(seeds)),
+                               dict(chunk[0].options))
                 for job, image in zip(ready, results):
                     save_png(image, output_path(out_dir, job))
                     stats["written"] += 1
@@ -255,9 +292,13 @@ def collect_shard_failures(out_dir: PathLike, count: int) -> list[dict] | None:
             for line in (out_dir / failures_file((i, count))).read_text().splitlines() if line.strip()]
 
 
+GRID_MAX_HEIGHT = 512  # a grid of photo-sized results is drawn at this height
+
+
 def grid(source: np.ndarray, mask: np.ndarray, reference: np.ndarray, *results: np.ndarray) -> np.ndarray:
-    """source | mask | reference | result(s), side by side at the (first) result's height."""
-    h = results[0].shape[0]
+    """source | mask | reference | result(s), side by side at the (first) result's height, or at
+    `GRID_MAX_HEIGHT` when that is taller (photos)."""
+    h = min(results[0].shape[0], GRID_MAX_HEIGHT)
 
     def fit(a):
         a = a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=-1)
@@ -268,7 +309,7 @@ def grid(source: np.ndarray, mask: np.ndarray, reference: np.ndarray, *results: 
     gap = np.full((h, 4, 3), 255, np.uint8)
     parts = [fit(source), gap, fit(m), gap, fit(reference)]
     for result in results:
-        parts += [gap, result]
+        parts += [gap, fit(result)]
     return np.concatenate(parts, axis=1)
 
 

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pbe_jax import images, parallel, storage
+from pbe_jax import images, memory, parallel, regions, storage
 from pbe_jax.convert import PaintByExampleModels, load
-from pbe_jax.diffusion import NoiseSchedule, guided, make_tables, per_row, sample
+from pbe_jax.diffusion import NoiseSchedule, guided, make_tables, per_row, sample, start_noise
 from pbe_jax.models import Policy
 
 
@@ -75,6 +75,40 @@ class Inputs:
     keep: np.ndarray  # (B, H, W, 1) float32, 1 = keep, 0 = edit
     reference: np.ndarray  # (B, h, w, 3) float32, CLIP-normalised
     source_rgb: np.ndarray  # (B, H, W, 3) uint8, for paste-back
+
+
+@dataclasses.dataclass
+class Edit:
+    """One source's edit as prepared on the host: the photo and its (feathered) mask at the photo's size, where
+    the model works on it (`placement`), and the working-size arrays."""
+
+    photo: np.ndarray  # (H, W, 3) uint8, upright
+    mask: np.ndarray  # (H, W) uint8, white = edit, after mask_blur
+    placement: regions.Placement
+    source: np.ndarray  # (h, w, 3) uint8 at the working size
+    keep: np.ndarray  # (h, w) float32, 1 = keep, 0 = edit (binarised at 0.5)
+    reference: np.ndarray  # CLIP-normalised exemplar
+
+    def back(self, result: np.ndarray, keep_unmasked: bool) -> np.ndarray:
+        """A working-size result at the photo's size: pasted through the mask when cropped; otherwise the whole
+        picture, with `keep_unmasked` the photo pasted back outside the mask (through a feathered mask as it is,
+        a sharp one with `images.paste_back`'s ramp inside its edge)."""
+        out = self.placement.place(result, self.photo, self.mask)
+        if not keep_unmasked or self.placement.crop:
+            return out
+        if np.isin(self.mask, (0, 255)).all():
+            return images.paste_back(self.photo, out, (self.mask == 255).astype(np.float32))
+        return regions.overlay(self.mask, self.photo, out)
+
+
+def stack(edits: Sequence[Edit]) -> Inputs:
+    """The working-size arrays of edits of one working size, as a batch."""
+    sizes = sorted({e.placement.size for e in edits})
+    if len(sizes) > 1:
+        raise ValueError(f"these edits have different working sizes {sizes}; batch them by size")
+    source = np.stack([e.source for e in edits])
+    return Inputs(source.astype(np.float32) / 127.5 - 1.0, np.stack([e.keep for e in edits])[..., None],
+                  np.stack([e.reference for e in edits]), source)
 
 
 class PaintByExample:
@@ -149,50 +183,116 @@ class PaintByExample:
         """The image side the VAE was configured for (512 for Stable Diffusion)."""
         return self.models.vae.config.sample_size
 
-    def preprocess(self, image, mask, reference, height: int = 512, width: int = 512) -> Inputs:
-        """PIL images, paths or arrays (single or batched; one reference or mask may serve every image). A mask of
-        another size than its source is resized to it if its aspect ratio is the source's, with a warning, and
-        refused otherwise (`images.mask_for_source`)."""
+    @property
+    def size_multiple(self) -> int:
+        """Working sizes are multiples of this: the autoencoder's factor times the UNet's downsampling."""
+        return self.vae_factor * 2 ** (len(self.models.unet.config.block_out_channels) - 1)
+
+    def prepare(self, image, mask, reference, *, height: int | None = None, width: int | None = None,
+                padding_mask_crop: int | None = None, mask_blur: float = 0) -> list[Edit]:
+        """Each source's edit, prepared on the host. `image`, `mask`, `reference`: PIL images, paths or arrays
+        (single or batched; files and PIL images are turned upright by their EXIF orientation). One mask or
+        reference may serve every source; one source with K references is K edits of it. A mask of another
+        size than its source is resized to it if its aspect ratio is the source's, with a warning, and refused
+        otherwise (`images.mask_for_source`). See `__call__` for the rest."""
         f = self.vae_factor
-        if height % f or width % f:
+        if (height is None) != (width is None):
+            raise ValueError("give both height and width, or neither (chosen from the photo or the crop)")
+        if height is not None and (height % f or width % f):
             raise ValueError(f"height and width must be multiples of {f}, got {height}×{width}")
         sources = _batch(image, None, images.to_rgb, "image")
+        refs = _batch(reference, None, images.to_rgb, "reference")
+        if len(sources) == 1 and len(refs) > 1:  # one photo, several exemplars
+            sources = sources * len(refs)
         n = len(sources)
-        masks = [images.mask_for_source(m, s.shape[:2], f"mask[{i}]" if n > 1 else "mask")
-                 for i, (m, s) in enumerate(zip(_batch(mask, n, images.to_mask, "mask"), sources))]
-        rgb = [images.resize_rgb(a, (height, width)) for a in sources]
-        masks = [images.resize_mask(m, (height, width)) for m in masks]
-        refs = [self.processor(r) for r in _batch(reference, n, images.to_rgb, "reference")]
-        source = np.stack(rgb)
-        m = np.stack(masks)[..., None]
-        keep = 1.0 - m
-        keep = np.where(keep < 0.5, 0.0, 1.0).astype(np.float32)  # the reference pipeline's binarisation
-        return Inputs(source.astype(np.float32) / 127.5 - 1.0, keep, np.stack(refs), source)
+        if len(refs) == 1:
+            refs = refs * n
+        if len(refs) != n:
+            raise images.ImageError(f"reference: {len(refs)} given for {n} source images")
+        masks = _batch(mask, n, images.to_mask, "mask")
+        edits, done = [], {}
+        for i, (src, m, ref) in enumerate(zip(sources, masks, refs)):
+            key = (id(src), id(m))
+            if key not in done:  # the same photo and mask for several exemplars: prepared once
+                what = f"mask[{i}]" if n > 1 else "mask"
+                m = np.round(images.mask_for_source(m, src.shape[:2], what) * 255).astype(np.uint8)
+                m = regions.blur(m, mask_blur)
+                if padding_mask_crop is not None and not m.any():
+                    raise images.ImageError(f"{what}: the mask is empty (no white pixels), nothing to edit")
+                place = regions.plan(m, height=height, width=width, padding_mask_crop=padding_mask_crop,
+                                     native=self.default_size, multiple=self.size_multiple if height is None else f)
+                keep = (place.cut(m) < 128).astype(np.float32)  # the reference pipelines' binarisation at 0.5
+                done[key] = (src, m, place, place.cut(src), keep)
+            edits.append(Edit(*done[key], reference=self.processor(ref)))
+        return edits
+
+    def preprocess(self, image, mask, reference, height: int | None = None, width: int | None = None, *,
+                   padding_mask_crop: int | None = None, mask_blur: float = 0) -> Inputs:
+        """`prepare`'s working-size arrays as one batch (the sources must share a working size)."""
+        return stack(self.prepare(image, mask, reference, height=height, width=width,
+                                  padding_mask_crop=padding_mask_crop, mask_blur=mask_blur))
 
     def __call__(self, image, mask, reference, *, steps: int = 50, guidance_scale: float = 5.0, seed: int = 0,
-                 latents: np.ndarray | None = None, sampler: str = "plms", height: int = 512, width: int = 512,
-                 num_images_per_reference: int = 1, eta: float = 0.0, keep_unmasked: bool = False,
-                 sample_posterior: bool = True, on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """Edit: returns uint8 (B · num_images_per_reference, height, width, 3), the copies of one input
-        consecutive. `latents`, if given, is the initial noise in diffusers' NCHW layout
-        (B · n, 4, height/8, width/8), so that both pipelines can start from the same point.
-        `keep_unmasked` pastes the source back outside the mask (feathered at the edge inside it).
-        `sample_posterior=False` encodes the masked source with the posterior mean instead of a sample.
-        `guidance_scale`: > 1 classifier-free guidance, (0, 1] the exemplar's condition alone, 0 the learned
-        unconditional vector alone (the reference is then ignored). `on_step(done, total)` is called on the host
-        as the denoising steps finish (a separate compiled program, with one host callback per step)."""
-        x = self.preprocess(image, mask, reference, height, width)
-        return self.generate(x, steps=steps, guidance_scale=guidance_scale, seed=seed, latents=latents,
-                             sampler=sampler, num_images_per_reference=num_images_per_reference, eta=eta,
-                             keep_unmasked=keep_unmasked, sample_posterior=sample_posterior, on_step=on_step)
+                 latents: np.ndarray | None = None, sampler: str = "plms", height: int | None = None,
+                 width: int | None = None, num_images_per_reference: int = 1, eta: float = 0.0,
+                 keep_unmasked: bool = False, sample_posterior: bool = True, padding_mask_crop: int | None = None,
+                 mask_blur: float = 0, strength: float = 1.0,
+                 on_step: Callable[[int, int], None] | None = None) -> np.ndarray | list[np.ndarray]:
+        """Edit: uint8 images at each source's own size and orientation, (B · num_images_per_reference, H, W, 3)
+        (a list when the sources differ in size), the copies of one input consecutive; one source with K
+        references gives K edits of it. Output row r draws its noise from `seed` + r (or `seed[r]`).
+
+        Where the model works (diffusers' inpainting options, with their semantics):
+        - `padding_mask_crop` (pixels): the box around the mask, this much larger on each side, grown to the
+          working aspect ratio (`regions.crop_region`), is edited at the working size and pasted back into the
+          photo through the mask (`regions.overlay`): outside the mask the result is the photo, bit for bit.
+        - Without it, the whole photo is the model's picture: resized into the working size with its aspect
+          ratio kept (the leftover bands filled from its edges), and the result resized back to the photo's
+          size; `keep_unmasked` pastes the photo back outside the mask (feathered at the edge inside it).
+        - `height`, `width`: the working size. By default it follows the crop's (or the photo's) aspect
+          ratio at about the model's native pixel count (`default_size`²), in multiples of `size_multiple`.
+        - `mask_blur`: the mask feathered by a Gaussian of this radius in photo pixels first
+          (`regions.blur`); the model sees it binarised at 0.5, the paste uses it as it is.
+        - `strength` in (0, 1]: start from the source's latents noised to the level of step
+          int(steps · strength) from the end, and run only those steps (`get_timesteps`, `prepare_latents`).
+
+        `latents`, if given, is the initial noise in diffusers' NCHW layout (B · n, 4, h/8, w/8), so that both
+        pipelines can start from the same point (with strength < 1, the noise added to the source's latents).
+        `sample_posterior=False` encodes with the posterior mean instead of a sample. `guidance_scale`: > 1
+        classifier-free guidance, (0, 1] the exemplar's condition alone, 0 the learned unconditional vector
+        alone (the reference is then ignored). `on_step(done, total)` is called on the host as the denoising
+        steps finish (a separate compiled program, with one host callback per step)."""
+        edits = self.prepare(image, mask, reference, height=height, width=width,
+                             padding_mask_crop=padding_mask_crop, mask_blur=mask_blur)
+        n = num_images_per_reference
+        rows = len(edits) * n
+        seeds = list(seed) if isinstance(seed, (list, tuple, np.ndarray)) else [seed + r for r in range(rows)]
+        if len(seeds) != rows:
+            raise ValueError(f"{len(seeds)} seeds given for {rows} output images")
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, e in enumerate(edits):
+            groups.setdefault(e.placement.size, []).append(i)
+        if latents is not None and len(groups) > 1:
+            raise ValueError(f"latents were given, but the sources have different working sizes "
+                             f"{sorted(groups)}; give height and width")
+        out: list = [None] * rows
+        for members in groups.values():  # one compiled batch per working size
+            batch_seeds = [seeds[i * n + k] for i in members for k in range(n)]
+            results = self.generate(stack([edits[i] for i in members]), steps=steps, guidance_scale=guidance_scale,
+                                    seed=batch_seeds, latents=latents, sampler=sampler, num_images_per_reference=n,
+                                    eta=eta, sample_posterior=sample_posterior, strength=strength, on_step=on_step)
+            for j, i in enumerate(members):
+                for k in range(n):
+                    out[i * n + k] = edits[i].back(results[j * n + k], keep_unmasked)
+        return np.stack(out) if len({o.shape for o in out}) == 1 else out
 
     def generate(self, x: Inputs, *, steps: int = 50, guidance_scale: float = 5.0, seed: int | Sequence[int] = 0,
                  latents: np.ndarray | None = None, sampler: str = "plms", num_images_per_reference: int = 1,
-                 eta: float = 0.0, keep_unmasked: bool = False, sample_posterior: bool = True,
+                 eta: float = 0.0, keep_unmasked: bool = False, sample_posterior: bool = True, strength: float = 1.0,
                  on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """`__call__` on preprocessed inputs. Every output row draws its noise from its own key: row r from
-        `seed` + r (or from `seed[r]` when a list is given), so an image's edit does not depend on the batch
-        it is in, the device count, or padding."""
+        """`__call__` on preprocessed inputs, at the working size. Every output row draws its noise from its own
+        key: row r from `seed` + r (or from `seed[r]` when a list is given), so an image's edit does not depend
+        on the batch it is in, the device count, or padding."""
         n = num_images_per_reference
         if n < 1:
             raise ValueError(f"num_images_per_reference must be ≥ 1, not {n}")
@@ -201,6 +301,7 @@ class PaintByExample:
         seeds = list(seed) if isinstance(seed, (list, tuple, np.ndarray)) else [seed + r for r in range(rows)]
         if len(seeds) != rows:
             raise ValueError(f"{len(seeds)} seeds given for {rows} output images")
+        memory.check_pipeline_fits(self, rows=rows, height=h, width=w, guided=_condition(guidance_scale) == "guided")
         lh, lw = h // self.vae_factor, w // self.vae_factor
         c = self.models.vae.config.latent_channels
         if latents is None:
@@ -216,13 +317,14 @@ class PaintByExample:
             padded = parallel.pad_to_multiple(rows, self.mesh.size)
             batch = parallel.shard_batch(tuple(np.concatenate([a, np.repeat(a[-1:], padded - rows, axis=0)])
                                                for a in batch), self.mesh)
-        tables = make_tables(self.schedule, sampler, steps, eta)
+        tables = make_tables(self.schedule, sampler, steps, eta, strength)
+        start = start_noise(self.schedule, sampler, steps, strength) if strength != 1.0 else None
         total = len(tables.timestep)
         self._on_step = None if on_step is None else (lambda done: on_step(done, total))
         try:
             out = self._run(self._generate, batch, tables, guidance_scale, jnp.float32(guidance_scale),
                             sample_posterior=sample_posterior, draw_latents=latents is None,
-                            progress=on_step is not None)
+                            progress=on_step is not None, start=start)
             out = np.asarray(out)[:rows]
         finally:
             self._on_step = None
@@ -233,11 +335,13 @@ class PaintByExample:
 
 
     def _run(self, fn, batch, tables, guidance_scale: float, scale, *, sample_posterior: bool, draw_latents: bool,
-             progress: bool = False):
+             progress: bool = False, start: tuple[float, float] | None = None):
         """The jitted generation (`fn`: it, or its `.lower`) on a placed batch (image, keep, reference, latents,
-        seeds), with `scale` the traced value of `guidance_scale`."""
-        return fn(self._state, *batch, tables, scale, condition=_condition(guidance_scale),
-                  sample_posterior=sample_posterior, draw_latents=draw_latents, progress=progress)
+        seeds), with `scale` the traced value of `guidance_scale`; `start`: (a, s) of a run from the source
+        noised to a · x₀ + s · ε (strength < 1), None from noise."""
+        return fn(self._state, *batch, tables, scale, None if start is None else jnp.float32(start),
+                  condition=_condition(guidance_scale), sample_posterior=sample_posterior,
+                  draw_latents=draw_latents, progress=progress)
 
     def lower(self, batch_size: int, height: int, width: int, *, steps: int = 50, sampler: str = "plms",
               guidance_scale: float = 5.0, eta: float = 0.0, sample_posterior: bool = True) -> jax.stages.Lowered:
@@ -270,10 +374,10 @@ def _condition(guidance_scale: float) -> str:
     return "guided" if guidance_scale > 1.0 else "uncond" if guidance_scale == 0 else "cond"
 
 
-def _generate(nets, image, keep, reference, z, seeds, tables, scale, *, condition: str,
+def _generate(nets, image, keep, reference, z, seeds, tables, scale, start, *, condition: str,
               sample_posterior: bool, draw_latents: bool, on_step=None):
     """Everything after host preprocessing, traced once per shape: per-row keys, condition, masked-image
-    latents, the sampler loop, decoding, uint8."""
+    latents, the start (noise, or the source noised: `start` = (a, s)), the sampler loop, decoding, uint8."""
     unet, vae, encoder = nets
     b = z.shape[0]
     keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s), 3))(seeds)  # (B, 3): noise, posterior, η
@@ -281,13 +385,19 @@ def _generate(nets, image, keep, reference, z, seeds, tables, scale, *, conditio
         z = jax.vmap(lambda k: jax.random.normal(k, z.shape[1:], jnp.float32))(keys[:, 0])
     cond = encoder(reference)
     uncond = encoder.uncond(b)
-    posterior = vae.encode(image * keep)
-    if sample_posterior:
-        noise = jax.vmap(lambda k: jax.random.normal(k, posterior.mean.shape[1:], jnp.float32))(keys[:, 1])
-        masked = posterior.mean + jnp.exp(0.5 * posterior.logvar) * noise.astype(posterior.mean.dtype)
-    else:
-        masked = posterior.mode()
-    masked = vae.scale(masked).astype(jnp.float32)
+
+    def latents_of(pixels, posterior_keys):
+        posterior = vae.encode(pixels)
+        if not sample_posterior:
+            return vae.scale(posterior.mode()).astype(jnp.float32)
+        noise = jax.vmap(lambda k: jax.random.normal(k, posterior.mean.shape[1:], jnp.float32))(posterior_keys)
+        return vae.scale(posterior.mean + jnp.exp(0.5 * posterior.logvar) * noise.astype(posterior.mean.dtype)
+                         ).astype(jnp.float32)
+
+    masked = latents_of(image * keep, keys[:, 1])
+    if start is not None:  # strength < 1: the whole source's latents, noised (the inpaint pipelines' start)
+        source_keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1))(seeds)
+        z = start[0] * latents_of(image, source_keys) + start[1] * z
     lh, lw = z.shape[1:3]
     f = image.shape[1] // lh
     keep_latent = keep[:, ::f, ::f][:, :lh, :lw]  # torch's nearest interpolation at an integer factor
@@ -305,4 +415,4 @@ def _generate(nets, image, keep, reference, z, seeds, tables, scale, *, conditio
     return jnp.round(jnp.clip(decoded / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
 
 
-__all__ = ["PaintByExample", "Inputs", "resolve_pretrained"]
+__all__ = ["PaintByExample", "Edit", "Inputs", "resolve_pretrained", "stack"]
