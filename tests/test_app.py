@@ -1,7 +1,8 @@
-"""The web app (python -m pbe_jax.app): its checks with sentences for bad input, the mask read from the painted
-layers, and the page itself served with the shipped model: driven in a real browser (Debian's chromium through
-Playwright: upload, paint a stroke, Edit, read the result back) and scripted through gradio_client's `edit`
-endpoint."""
+"""The web app (python -m pbe_jax.app): its checks with sentences for bad input (files that are no image
+included), the mask read from the painted layers, the editing settings (crop to the mask by default for photos,
+mask blur, strength) as the pipeline's arguments, a photo-sized edit, and the page itself served with the shipped
+model: driven in a real browser (Debian's chromium through Playwright: upload, paint a stroke, Edit, read the
+result back) and scripted through gradio_client's `edit` endpoint."""
 import io
 import os
 import shutil
@@ -57,24 +58,110 @@ def editor():
     (dict(reference=None), r"No exemplar \(reference image\) was given"),
     (dict(source=np.zeros((4100, 20, 3), np.uint8)), "is 20×4100 pixels; the limit is 4096 on a side"),
     (dict(reference=np.zeros((5, 40, 3), np.uint8)), "too small to edit"),
-    (dict(source="NOT_AN_IMAGE"), "is not an image this page can read"),
+    (dict(source="NOT_AN_IMAGE"), "^The source image file notes.png is not an image Pillow can read "
+                                  r"\(cannot identify image file 'notes.png'\)"),
+    (dict(reference="NOT_AN_IMAGE"), r"^The exemplar \(reference image\) file notes.png is not an image Pillow "
+                                     "can read"),
+    (dict(mask=np.zeros((32, 48), np.uint8)), "The mask does not fit the source image .*another aspect ratio"),
     (dict(size=98), "cannot work at 98×98: the size must be a multiple of 4 .* from 8 to 1024 \\(try 96 or 100\\)"),
-    (dict(size="big"), "must be a whole number of pixels"),
+    (dict(size="big"), 'working size must be "auto" or a whole number of pixels'),
+    (dict(size=64.5), 'working size must be "auto" or a whole number of pixels'),
     (dict(steps=0), "steps must be a whole number from 1 to 1000"),
     (dict(num_images=9), "number of images must be a whole number from 1 to 4"),
     (dict(guidance_scale=-1), "guidance scale must be from 0 to 50"),
     (dict(sampler="euler"), "Unknown sampler 'euler'"),
+    (dict(padding_mask_crop="wide"), 'crop margin must be "auto", "off" or a whole number of pixels'),
+    (dict(padding_mask_crop=-8), 'crop margin must be "auto", "off" or a whole number of pixels'),
+    (dict(mask_blur=-1), "mask blur must be from 0 to 64 pixels"),
+    (dict(strength=0), "strength must be above 0 and at most 1, not 0"),
+    (dict(strength="most"), "strength must be a number"),
+    (dict(strength=0.04, steps=20), "A strength of 0.04 leaves none of the 20 steps to run"),
 ])
 def test_bad_input_is_a_sentence(editor, tmp_path, change, message):
     inputs = dict(source=example("source"), mask=example("mask"), reference=example("reference"))
-    if isinstance(change.get("source"), str):
-        (tmp_path / "notes.png").write_text("not an image")
-        change = dict(source=str(tmp_path / "notes.png"))
+    for part in ("source", "reference"):
+        if isinstance(change.get(part), str):  # a file that is no image, as an upload reaches the editor
+            (tmp_path / "notes.png").write_text("not an image")
+            change = {**change, part: str(tmp_path / "notes.png")}
     inputs.update(change)
     images = {k: inputs.pop(k) for k in ("source", "mask", "reference")}
     with pytest.raises(app.InputError, match=message) as e:
         editor.edit(images["source"], images["mask"], images["reference"], **inputs)
     assert "\n" not in str(e.value)
+
+
+def test_an_upload_that_is_no_image_reaches_the_page_check(tmp_path):
+    """The page decodes its image inputs itself (preprocess=False): gradio's decoding would stop a file Pillow
+    cannot read with its own message ("Could not preprocess input component ..."); here it reaches
+    `Editor.check_image` as its path, and a good file decodes as gradio decodes it."""
+    import gradio as gr
+
+    exemplar = gr.Image(type="numpy", image_mode="RGB", format="png")
+    (tmp_path / "notes.png").write_text("not an image")
+    assert app.decode_upload(exemplar, {"path": str(tmp_path / "notes.png"), "orig_name": "notes.png"}) == str(
+        tmp_path / "notes.png")
+    shutil.copy(EXAMPLE / "reference.png", tmp_path / "reference.png")
+    decoded = app.decode_upload(exemplar, {"path": str(tmp_path / "reference.png"), "orig_name": "reference.png"})
+    np.testing.assert_array_equal(decoded, example("reference"))
+    assert app.decode_upload(exemplar, None) is None
+
+
+def test_crop_to_the_mask_by_default_only_for_photos_larger_than_the_working_size(editor):
+    ds = editor.default_size
+    assert editor.crop_margin("auto", (ds, ds, 3), None) is None  # edited whole, as before
+    assert editor.crop_margin("auto", (120, 200, 3), None) == app.AUTO_CROP_MARGIN
+    assert editor.crop_margin("", (ds + 1, 8, 3), None) == app.AUTO_CROP_MARGIN
+    assert editor.crop_margin("auto", (120, 200, 3), 256) is None  # a working size override the photo fits
+    assert editor.crop_margin("off", (120, 200, 3), None) is None
+    assert editor.crop_margin(None, (120, 200, 3), None) is None  # the pipeline's None: no crop
+    assert editor.crop_margin("16", (8, 8, 3), None) == 16 and editor.crop_margin(0, (8, 8, 3), None) == 0
+
+
+def test_the_settings_reach_the_pipeline(editor, monkeypatch):
+    """The page's settings as the pipeline's arguments: "auto" size is height = width = None, a size N is N×N,
+    the crop margin, mask blur and strength as given."""
+    calls = []
+
+    def pipe(source, mask, reference, **kwargs):
+        calls.append(kwargs)
+        return np.repeat(source[None], kwargs["num_images_per_reference"], axis=0)
+
+    monkeypatch.setattr(editor, "pipe", pipe)
+    source, mask = np.zeros((120, 200, 3), np.uint8), np.zeros((120, 200), np.uint8)
+    mask[40:70, 120:160] = 255
+    editor.edit(source, mask, example("reference"))
+    assert {k: calls[-1][k] for k in ("height", "width", "padding_mask_crop", "mask_blur", "strength")} == dict(
+        height=None, width=None, padding_mask_crop=app.AUTO_CROP_MARGIN, mask_blur=0.0, strength=1.0)
+    editor.edit(source, mask, example("reference"), size="96", padding_mask_crop="off", mask_blur="2.5",
+                strength=0.5, num_images=2)
+    assert {k: calls[-1][k] for k in ("height", "width", "padding_mask_crop", "mask_blur", "strength")} == dict(
+        height=96, width=96, padding_mask_crop=None, mask_blur=2.5, strength=0.5)
+
+
+def test_the_grid_of_a_photo_is_shrunk_to_a_sane_height():
+    photo = np.zeros((800, 1200, 3), np.uint8)
+    mask = np.zeros((800, 1200), np.float32)
+    grid = app.overview(photo, mask, example("reference"), [photo, photo])
+    assert grid.shape[0] == app.GRID_MAX_HEIGHT and grid.shape[1] < 5 * 1200 * app.GRID_MAX_HEIGHT / 800
+    small = app.overview(example("source"), mask[:64, :64], example("reference"), [example("source")])
+    assert small.shape[0] == 256  # a 64² edit enlarged by whole pixels (4×)
+
+
+def test_a_photo_sized_edit_keeps_the_photo_outside_the_mask_bit_for_bit(editor):
+    """The default settings on a photo larger than the model's working size (the shipped model works at 64²):
+    a crop around the mask is edited and pasted back, so the edit has the photo's size and, outside the mask,
+    its pixels exactly."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:120, :200]
+    photo = np.stack([xx * 255 // 199, yy * 255 // 119, rng.integers(0, 256, (120, 200))], -1).astype(np.uint8)
+    mask = np.zeros((120, 200), np.uint8)
+    mask[44:76, 130:162] = 255
+    edits, grid = editor.edit(photo, mask, example("reference"), steps=6)
+    assert len(edits) == 1 and edits[0].shape == photo.shape and edits[0].dtype == np.uint8
+    outside = mask == 0
+    np.testing.assert_array_equal(edits[0][outside], photo[outside])
+    assert (edits[0][~outside] != photo[~outside]).any(-1).mean() > 0.5  # and the masked region was edited
+    assert grid.shape[0] == 360  # 120 rows enlarged by whole pixels to at least 256
 
 
 def test_examples_from_the_shipped_folder_and_a_batch_folder(tmp_path):
@@ -184,20 +271,33 @@ def test_paint_a_stroke_and_edit_in_a_browser(server, browser, tmp_path):
     page.close()
 
 
-def test_no_mask_painted_is_said_in_the_page(server, browser):
+def test_bad_input_is_said_in_the_page(server, browser, tmp_path):
+    """No mask painted; an exemplar file that is no image (gradio's own decoding would answer with its internal
+    message); a source file that is no image (the editor would drop it without a word): the page's sentences."""
     page = open_page(browser, server)
     page.locator("#edit").click()
     # As long as an edit may take (test_paint_a_stroke_and_edit_in_a_browser): the page serves one request at
     # a time, and on a loaded 2-core machine another test's edit can still hold the queue (60 s failed once).
     page.get_by_text("No mask was painted").first.wait_for(timeout=180_000)
-    assert "Traceback" not in page.content()
+    (tmp_path / "notes.png").write_text("not an image")
+    page.locator("#reference input[type=file]").set_input_files(str(tmp_path / "notes.png"))
+    page.locator("#edit").click()
+    page.get_by_text("The exemplar (reference image) file notes.png is not an image Pillow can read").first.wait_for(
+        timeout=180_000)
+    page.locator("#source input[type=file]").set_input_files(str(tmp_path / "notes.png"))
+    page.get_by_text("The source image file notes.png is not an image Pillow can read").first.wait_for(
+        timeout=60_000)
+    assert "Traceback" not in page.content() and "Could not preprocess" not in page.content()
     page.close()
 
 
 def test_the_edit_endpoint_through_gradio_client(server, tmp_path):
     """gradio_client.Client(url).predict(source, mask, reference, steps, scale, seed, sampler, keep_unmasked,
-    api_name="/edit"): the image `PaintByExample` itself gives for those inputs, bit for bit."""
+    api_name="/edit"): the image `PaintByExample` itself gives for those inputs, bit for bit. The settings
+    appended since (padding_mask_crop, mask_blur, strength) are optional: given as their defaults, the same
+    image; given wrong, their sentences."""
     from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
 
     from pbe_jax import parallel
     from pbe_jax.pipeline import PaintByExample
@@ -207,12 +307,16 @@ def test_the_edit_endpoint_through_gradio_client(server, tmp_path):
     got = np.asarray(Image.open(client.predict(*files, 12, 4.0, 7, "ddim", False, api_name="/edit")).convert("RGB"))
     pipe = PaintByExample.from_pretrained(app.SHIPPED_MODEL, mesh=parallel.data_mesh())
     want = pipe(example("source"), example("mask"), example("reference"), steps=12, guidance_scale=4.0, seed=7,
-                sampler="ddim", height=64, width=64)[0]
+                sampler="ddim")[0]
     np.testing.assert_array_equal(got, want)
+    again = client.predict(*files, 12, 4.0, 7, "ddim", False, "auto", 0, 1.0, api_name="/edit")
+    np.testing.assert_array_equal(np.asarray(Image.open(again).convert("RGB")), want)
 
-    from gradio_client.exceptions import AppError
-
+    for settings, message in [(("wide", 0, 1.0), "crop margin must be"), (("auto", -1, 1.0), "mask blur must be"),
+                              (("auto", 0, 1.5), "strength must be above 0 and at most 1, not 1.5")]:
+        with pytest.raises(AppError, match=message):
+            client.predict(*files, 12, 4.0, 7, "ddim", False, *settings, api_name="/edit")
     (tmp_path / "notes.png").write_text("not an image")
-    with pytest.raises(AppError, match="is not an image this page can read"):
+    with pytest.raises(AppError, match="The source image file notes.png is not an image Pillow can read"):
         client.predict(handle_file(str(tmp_path / "notes.png")), *files[1:], 12, 4.0, 7, "ddim", False,
                        api_name="/edit")
