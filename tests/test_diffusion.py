@@ -172,7 +172,7 @@ SCHEDULERS = {"plms": lambda: PNDMScheduler(**CONFIG, skip_prk_steps=True), "ddi
 
 
 @pytest.mark.parametrize("sampler", sorted(SCHEDULERS))
-@pytest.mark.parametrize("steps,strength", [(10, 0.5), (25, 0.3), (7, 0.99), (50, 0.8), (4, 0.25)])
+@pytest.mark.parametrize("steps,strength", [(10, 0.5), (50, 0.8), (4, 0.25)])
 def test_strength_matches_the_inpaint_pipelines_get_timesteps_and_prepare_latents(sampler, steps, strength):
     """strength < 1: the timesteps run are those diffusers' StableDiffusionInpaintPipeline.get_timesteps leaves
     (called on the real scheduler), the first sample is the scheduler's add_noise of the clean latents at the

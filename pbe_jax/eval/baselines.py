@@ -77,7 +77,7 @@ def _run(benchmark_dir, out_dir, edit, through: Through | None = None) -> dict:
     `autoencoder_roundtrip`), for every item of a COCOEE-layout folder, through `batch.run`: resumable
     (results already there are kept), unusable inputs skipped and listed in out_dir/failures.jsonl. Returns
     batch.run's counts."""
-    def edit_batch(sources, masks, references, seeds):
+    def edit_batch(sources, masks, references, seeds, options):  # noqa: ARG001 (no per-line options here)
         results = [edit(*item) for item in zip(sources, masks, references)]
         return through(results) if through is not None else results
 
