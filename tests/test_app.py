@@ -242,7 +242,9 @@ def paint(page, start, end, width=64):
     page.mouse.down()
     for t in np.linspace(0, 1, 12)[1:]:
         page.mouse.move(*at(start[0] + t * (end[0] - start[0]), start[1] + t * (end[1] - start[1])))
+        page.wait_for_timeout(15)  # a loaded machine's canvas takes its time with each move
     page.mouse.up()
+    page.wait_for_timeout(300)
 
 
 def test_paint_a_stroke_and_edit_in_a_browser(server, browser, tmp_path):
@@ -253,7 +255,9 @@ def test_paint_a_stroke_and_edit_in_a_browser(server, browser, tmp_path):
     page.get_by_label("Keep the unmasked part of the source exactly").check()
     page.locator("#edit").click()
     result = page.locator("#edits img").first
-    result.wait_for(timeout=180_000)
+    said = page.locator(".toast-body").first  # an error the page shows instead: fail with its sentence
+    result.or_(said).wait_for(timeout=180_000)
+    assert not said.is_visible(), said.inner_text()
     edit = np.asarray(Image.open(io.BytesIO(page.request.get(result.get_attribute("src")).body())).convert("RGB"))
     page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
     if os.environ.get("PBE_JAX_APP_SCREENSHOT"):  # the README's picture

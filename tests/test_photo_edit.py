@@ -80,13 +80,13 @@ def test_without_a_crop_the_photo_keeps_its_aspect_ratio_and_size(pipe):
 
 def test_several_exemplars_are_one_batch_with_a_seed_per_output(pipe, monkeypatch):
     rgb, mask, ref = photo(seed=4)
-    refs = [ref, ref[::-1].copy(), np.ascontiguousarray(ref[:, ::-1])]
+    refs = [ref, np.ascontiguousarray(ref[:, ::-1])]
     calls = []
     generate = pipe.generate
     monkeypatch.setattr(pipe, "generate", lambda x, **kw: calls.append(len(x.image)) or generate(x, **kw))
     out = pipe(rgb, mask, refs, **FAST, seed=10, padding_mask_crop=8)
-    assert calls == [3] and out.shape == (3, *rgb.shape)
-    for k in range(3):
+    assert calls == [2] and out.shape == (2, *rgb.shape)
+    for k in range(2):
         alone = pipe(rgb, mask, refs[k], **FAST, seed=10 + k, padding_mask_crop=8)[0]
         assert np.abs(alone.astype(int) - out[k]).max() <= 1  # the same edit (XLA's batch shapes: last bit)
     assert not np.array_equal(out[0], out[1])
@@ -94,10 +94,11 @@ def test_several_exemplars_are_one_batch_with_a_seed_per_output(pipe, monkeypatc
 
 def test_strength_keeps_the_old_region_closer(pipe):
     rgb, mask, ref = photo(seed=5)
-    full = pipe(rgb, mask, ref, **FAST, padding_mask_crop=8, seed=3)[0]
-    light = pipe(rgb, mask, ref, **FAST, padding_mask_crop=8, seed=3, strength=0.34)[0]  # the last of 3 steps
-    err = lambda out: np.abs(out[mask > 0].astype(int) - rgb[mask > 0]).mean()  # noqa: E731
-    assert err(light) < err(full)
+    n = dict(num_images_per_reference=2, padding_mask_crop=8, seed=3)  # two seeds: the manifest test's shape
+    full = pipe(rgb, mask, ref, **FAST, **n)
+    light = pipe(rgb, mask, ref, **FAST, **n, strength=0.34)  # the last of the 3 steps only
+    err = lambda out: np.abs(out[:, mask > 0].astype(int) - rgb[mask > 0]).mean()  # noqa: E731
+    assert err(light) < err(full) / 2
     with pytest.raises(ValueError, match="strength 0.05 of 10 steps leaves no step to run"):
         pipe(rgb, mask, ref, steps=10, strength=0.05)
 
@@ -128,16 +129,18 @@ def test_manifest_rows_list_exemplars_and_set_options(tmp_path):
         Image.fromarray(a).save(tmp_path / name)
     rows = [{"id": "two", "source": "src.png", "mask": "mask.png", "reference": ["a.png", "b.png"],
              "padding_mask_crop": 8},
-            {"id": "whole", "source": "src.png", "mask": "mask.png", "reference": "a.png", "strength": 0.34}]
+            {"id": "light", "source": "src.png", "mask": "mask.png", "reference": "a.png", "strength": 0.34,
+             "padding_mask_crop": 8}]
     (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     assert sample.main(["--batch", str(tmp_path / "jobs.jsonl"), "--out", str(out), "--steps", "3",
                         "--batch-size", "2"]) == 0
-    assert sorted(p.name for p in out.glob("*.png")) == ["two_0.png", "two_1.png", "whole.png"]
-    for name in ("two_0.png", "two_1.png"):
+    assert sorted(p.name for p in out.glob("*.png")) == ["light.png", "two_0.png", "two_1.png"]
+    for name in ("two_0.png", "two_1.png", "light.png"):
         result = np.asarray(Image.open(out / name))
         np.testing.assert_array_equal(result[mask == 0], rgb[mask == 0])
-    assert np.asarray(Image.open(out / "whole.png")).shape == rgb.shape
+    err = lambda name: np.abs(np.asarray(Image.open(out / name))[mask > 0].astype(int) - rgb[mask > 0]).mean()  # noqa
+    assert err("light.png") < err("two_0.png") / 2  # its own strength, in its own batch
     (tmp_path / "bad.jsonl").write_text(json.dumps({**rows[1], "strength": 2}) + "\n")
     from pbe_jax import batch
 
