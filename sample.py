@@ -211,15 +211,13 @@ def main(argv=None) -> int:
 def edit_one(args, pipe, options) -> int:
     from pbe_jax import batch, images, storage
 
-    try:
-        jobs = [batch.Job("single", storage.path(args.image), storage.path(args.mask), storage.path(r))
-                for r in args.reference]
-        inputs = [batch.check_inputs(job) for job in jobs]
+    try:  # the source and mask once, however many references
+        source, mask, first = batch.check_inputs(batch.Job("single", storage.path(args.image),
+                                                           storage.path(args.mask), storage.path(args.reference[0])))
+        references = [first] + [images.to_rgb(storage.path(r), r) for r in args.reference[1:]]
     except images.ImageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    source, mask, _ = inputs[0]
-    references = [r for _, _, r in inputs]
     results = pipe(source, mask, references, seed=args.seed, num_images_per_reference=args.samples, **options)
     out = storage.path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -207,6 +207,7 @@ class Editor:
         `mask_blur`: the mask's feathering radius in the source's pixels. `strength` (0, 1]: start from the
         source noised to that level; 1 = from pure noise."""
         from pbe_jax import images
+        from pbe_jax.diffusion import first_step
 
         source = self.check_image(source, "source image")
         mask = self.check_image(mask, "mask", mask=True)
@@ -228,11 +229,10 @@ class Editor:
         if not 0 <= mask_blur <= MAX_BLUR:
             raise InputError(f"The mask blur must be from 0 to {MAX_BLUR} pixels, not {mask_blur:g}.")
         strength = _number(strength, "strength")
-        if not 0 < strength <= 1:
-            raise InputError(f"The strength must be above 0 and at most 1, not {strength:g}.")
-        if int(steps * strength) < 1:  # the last int(steps · strength) steps are run (diffusers' get_timesteps)
-            raise InputError(f"A strength of {strength:g} leaves none of the {steps} steps to run (the last "
-                             "int(steps × strength) are run): raise the strength or the number of steps.")
+        try:  # the sampler's own rule (diffusers' get_timesteps: the last int(steps · strength) steps are run)
+            first_step(steps, strength)
+        except ValueError as e:
+            raise InputError(f"The {e}.") from None
         size = self.check_size(size)
         margin = self.crop_margin(padding_mask_crop, source.shape, size)
         with self._lock:  # one request on the device at a time (gradio's queue also runs them one by one)

@@ -165,15 +165,20 @@ def save_png(image: np.ndarray, path: PathLike) -> None:
     storage.write_bytes(path, buffer.getvalue())
 
 
-def check_inputs(job: Job) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Read a job's images; raise ImageError with the file and the reason when one is unusable."""
-    source = images.to_rgb(job.source, str(job.source))
-    mask = images.to_mask(job.mask, str(job.mask))
-    reference = images.to_rgb(job.reference, str(job.reference))
-    edit = mask >= 0.5
-    if not edit.any():
-        raise images.ImageError(f"{job.mask}: the mask is empty (no white pixels), nothing to edit")
-    return source, mask, reference
+def check_inputs(job: Job, read: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read a job's images; raise ImageError with the file and the reason when one is unusable. `read`, when
+    given, keeps the sources and masks already read (several exemplars of one photo decode it once)."""
+    key = (str(job.source), str(job.mask))
+    if read is not None and key in read:
+        source, mask = read[key]
+    else:
+        source = images.to_rgb(job.source, str(job.source))
+        mask = images.to_mask(job.mask, str(job.mask))
+        if not (mask >= 0.5).any():
+            raise images.ImageError(f"{job.mask}: the mask is empty (no white pixels), nothing to edit")
+        if read is not None:
+            read[key] = source, mask
+    return source, mask, images.to_rgb(job.reference, str(job.reference))
 
 
 def batches(jobs: list[Job], size: int) -> Iterator[list[Job]]:
@@ -231,10 +236,10 @@ def run(jobs: list[Job], out_dir: PathLike, edit: Callable[[list, list, list, li
     failures = storage.AppendLog(out_dir / failures_file(shard), append=False)
     try:
         for chunk in (c for group in groups.values() for c in batches(group, batch_size)):
-            ready, arrays = [], []
+            ready, arrays, read = [], [], {}
             for job in chunk:
                 try:
-                    arrays.append(check_inputs(job))
+                    arrays.append(check_inputs(job, read))
                     ready.append(job)
                 except images.ImageError as e:
                     records.append({"id": job.id, "error": str(e)})

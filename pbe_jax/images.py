@@ -34,9 +34,15 @@ def orientation_of(im: Image.Image) -> int:
 
 
 def upright(im: Image.Image) -> Image.Image:
-    """The image as a viewer shows it: turned by its EXIF orientation (unchanged when it has none)."""
-    orientation = orientation_of(im) if hasattr(im, "getexif") else 1
-    return im.transpose(TRANSPOSE[orientation]) if orientation in TRANSPOSE else im
+    """The image as a viewer shows it: turned by its EXIF orientation (unchanged when it has none). The result
+    carries no EXIF block, so that turning it upright again changes nothing."""
+    orientation = orientation_of(im)
+    if orientation not in TRANSPOSE:
+        return im
+    out = im.transpose(TRANSPOSE[orientation])
+    for key in ("exif", "Raw profile type exif"):  # PIL copies `info` to the new image
+        out.info.pop(key, None)
+    return out
 
 
 class ImageError(ValueError):

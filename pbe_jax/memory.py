@@ -31,8 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pbe_jax.models import splash
-from pbe_jax.models.attention import Attention
+from pbe_jax.models.attention import Attention, choose_backend
 from pbe_jax.models.unet import ATTENTION_BLOCKS
 
 TRANSIENT_BYTES = 4  # float32 logits per score element, plus the probabilities' itemsize (compute dtype)
@@ -87,19 +86,12 @@ class Estimate:
 
 
 def resolve(backend: str, platform: str, dtype: Any, head_dim: int, tokens: int, kv_tokens: int) -> str:
-    """The implementation `pbe_jax.models.attention.resolve_backend` picks, with the platform given instead of
-    read from the ambient mesh; "none" for a one-token context (an exact broadcast, no scores)."""
+    """The implementation the model's attention picks (`attention.choose_backend`), with the platform given;
+    "none" for a one-token context (an exact broadcast, no scores)."""
     if kv_tokens == 1:
         return "none"
-    long_self = tokens >= splash.MIN_LENGTH and kv_tokens == tokens
-    if backend == "splash":
-        return "splash" if long_self else "xla"
-    if backend != "auto":
-        return backend
-    if platform == "tpu" and long_self:
-        return "splash"
-    half = jnp.dtype(dtype).name in ("bfloat16", "float16")
-    return "cudnn" if platform == "gpu" and half and head_dim <= 128 and head_dim % 8 == 0 else "xla"
+    return choose_backend(backend, platform=platform, dtype=dtype, head_dim=head_dim, length=tokens,
+                          kv_length=kv_tokens)
 
 
 def _down(h: int, padding: int) -> int:

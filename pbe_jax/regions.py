@@ -79,7 +79,7 @@ def resize_fill(im: Image.Image, width: int, height: int) -> Image.Image:
     last rows (or columns) stretched (`VaeImageProcessor.resize(resize_mode="fill")`)."""
     w, h = _fit(im.size, width, height, cover=False)
     inner = im.resize((w, h), resample=RESAMPLE)
-    out = Image.new("RGB" if im.mode == "RGB" else im.mode, (width, height))
+    out = Image.new(im.mode, (width, height))
     out.paste(inner, (width // 2 - w // 2, height // 2 - h // 2))
     if width / height < im.width / im.height:
         band = height // 2 - h // 2

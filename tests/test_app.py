@@ -73,9 +73,9 @@ def editor():
     (dict(padding_mask_crop="wide"), 'crop margin must be "auto", "off" or a whole number of pixels'),
     (dict(padding_mask_crop=-8), 'crop margin must be "auto", "off" or a whole number of pixels'),
     (dict(mask_blur=-1), "mask blur must be from 0 to 64 pixels"),
-    (dict(strength=0), "strength must be above 0 and at most 1, not 0"),
+    (dict(strength=0), r"The strength must be in \(0, 1\], not 0"),
     (dict(strength="most"), "strength must be a number"),
-    (dict(strength=0.04, steps=20), "A strength of 0.04 leaves none of the 20 steps to run"),
+    (dict(strength=0.04, steps=20), "The strength 0.04 of 20 steps leaves no step to run"),
 ])
 def test_bad_input_is_a_sentence(editor, tmp_path, change, message):
     inputs = dict(source=example("source"), mask=example("mask"), reference=example("reference"))
@@ -317,7 +317,7 @@ def test_the_edit_endpoint_through_gradio_client(server, tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(again).convert("RGB")), want)
 
     for settings, message in [(("wide", 0, 1.0), "crop margin must be"), (("auto", -1, 1.0), "mask blur must be"),
-                              (("auto", 0, 1.5), "strength must be above 0 and at most 1, not 1.5")]:
+                              (("auto", 0, 1.5), r"strength must be in \(0, 1\], not 1.5")]:
         with pytest.raises(AppError, match=message):
             client.predict(*files, 12, 4.0, 7, "ddim", False, *settings, api_name="/edit")
     (tmp_path / "notes.png").write_text("not an image")

@@ -15,10 +15,6 @@ from pbe_jax import images, storage
 MISSING, UNREADABLE, BOMB, TOO_SMALL, NO_BOX = "missing", "unreadable", "decompression_bomb", "too_small", "no_box"
 REASONS = (MISSING, UNREADABLE, BOMB, TOO_SMALL, NO_BOX)
 
-ORIENTATION_TAG, orientation_of = images.ORIENTATION_TAG, images.orientation_of
-_TRANSPOSE = images.TRANSPOSE
-
-
 class CorruptItem(ValueError):
     """An item that cannot be used (an undecodable image, a malformed box file or record); `reason` is one of
     `REASONS`, the message names the file or record. Readers skip such items and count them by reason."""
@@ -91,7 +87,7 @@ def decode(source, what: str | None = None, *, max_short_side: int | None = None
         stored = im.size
         if min(stored) < max(min_short_side, 1):
             raise CorruptItem(f"{what}: {stored[0]}×{stored[1]} is under the minimum side {min_short_side}", TOO_SMALL)
-        orientation = orientation_of(im)
+        orientation = images.orientation_of(im)
         if max_short_side and im.format == "JPEG" and min(stored) > max_short_side:
             f = max_short_side / min(stored)
             im.draft("RGB", (int(np.ceil(stored[0] * f)), int(np.ceil(stored[1] * f))))
@@ -107,8 +103,8 @@ def decode(source, what: str | None = None, *, max_short_side: int | None = None
             size = (max_short_side, round(h * max_short_side / w)) if w <= h else (round(w * max_short_side / h),
                                                                                   max_short_side)
             im = im.resize(size, Image.LANCZOS)
-        if orientation in _TRANSPOSE:
-            im = im.transpose(_TRANSPOSE[orientation])
+        if orientation in images.TRANSPOSE:
+            im = im.transpose(images.TRANSPOSE[orientation])
         rgb = np.asarray(im)
     finally:
         im.close()

@@ -18,23 +18,27 @@ BACKENDS = ("auto", "xla", "cudnn", "splash")
 
 def resolve_backend(backend: str, q: jax.Array, kv_length: int | None = None) -> str:
     """The implementation `backend` means for a query like `q` and a key sequence of `kv_length` (default:
-    self-attention). "auto" takes cuDNN flash attention on a GPU when the dtype and head size allow it (half
-    precision, head_dim a multiple of 8 up to 128), and splash on a TPU for self-attention of at least
-    `splash.MIN_LENGTH` tokens; the platform is the one the program is compiled for (`target_platform`).
-    "splash" keeps shorter or cross-attention on xla, where a kernel would only
-    add padding."""
+    self-attention), on the platform the program is compiled for (`target_platform`): `choose_backend`."""
+    return choose_backend(backend, platform=target_platform(), dtype=q.dtype, head_dim=q.shape[-1],
+                          length=q.shape[1], kv_length=q.shape[1] if kv_length is None else kv_length)
+
+
+def choose_backend(backend: str, *, platform: str, dtype, head_dim: int, length: int, kv_length: int) -> str:
+    """The implementation `backend` means on `platform` for queries of `length` tokens of `head_dim` in `dtype`
+    against `kv_length` keys. "auto" takes cuDNN flash attention on a GPU when the dtype and head size allow it
+    (half precision, head_dim a multiple of 8 up to 128), and splash on a TPU for self-attention of at least
+    `splash.MIN_LENGTH` tokens. "splash" keeps shorter or cross-attention on xla, where a kernel would only add
+    padding."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
-    long_self = q.shape[1] >= splash.MIN_LENGTH and (kv_length is None or kv_length == q.shape[1])
+    long_self = length >= splash.MIN_LENGTH and kv_length == length
     if backend == "splash":
         return "splash" if long_self else "xla"
     if backend != "auto":
         return backend
-    platform = target_platform()
     if platform == "tpu" and long_self:
         return "splash"
-    head_dim = q.shape[-1]
-    half = q.dtype in (jnp.bfloat16, jnp.float16)
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     return "cudnn" if platform == "gpu" and half and head_dim <= 128 and head_dim % 8 == 0 else "xla"
 
 
