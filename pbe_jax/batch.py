@@ -215,9 +215,9 @@ def run(jobs: list[Job], out_dir: PathLike, edit: Callable[[list, list, list, li
     """Edit every job of `shard` (index, count) whose output does not exist yet. `edit(sources, masks,
     references, seeds, options)` returns uint8 images, and is always given `batch_size` rows (at most the number
     of jobs in the whole list) of jobs with the same `options` (a dict of the manifest's per-line settings; jobs
-    are grouped by them, in order within a group). Each job's seed is `seed` + its index in the whole list, so a resumed or sharded run
-    gives the same pictures (with the same `batch_size`). Unreadable inputs are skipped and recorded in
-    this run's failures file (`failures_file(shard)`, rewritten by each run: every job without an output is
+    are grouped by them, in order within a group). Each job's seed is `seed` + its index in the whole list, so a
+    resumed or sharded run gives the same pictures (with the same `batch_size`). Unreadable inputs are skipped and
+    recorded in this run's failures file (`failures_file(shard)`, rewritten by each run: every job without an output is
     tried again). Returns counts and the failure records."""
     out_dir = storage.path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,6 @@ class Inputs:
     image: np.ndarray  # (B, H, W, 3) float32 in [-1, 1]
     keep: np.ndarray  # (B, H, W, 1) float32, 1 = keep, 0 = edit
     reference: np.ndarray  # (B, h, w, 3) float32, CLIP-normalised
-    source_rgb: np.ndarray  # (B, H, W, 3) uint8, for paste-back
 
 
 @dataclasses.dataclass
@@ -108,7 +107,7 @@ def stack(edits: Sequence[Edit]) -> Inputs:
         raise ValueError(f"these edits have different working sizes {sizes}; batch them by size")
     source = np.stack([e.source for e in edits])
     return Inputs(source.astype(np.float32) / 127.5 - 1.0, np.stack([e.keep for e in edits])[..., None],
-                  np.stack([e.reference for e in edits]), source)
+                  np.stack([e.reference for e in edits]))
 
 
 class PaintByExample:
@@ -288,11 +287,11 @@ class PaintByExample:
 
     def generate(self, x: Inputs, *, steps: int = 50, guidance_scale: float = 5.0, seed: int | Sequence[int] = 0,
                  latents: np.ndarray | None = None, sampler: str = "plms", num_images_per_reference: int = 1,
-                 eta: float = 0.0, keep_unmasked: bool = False, sample_posterior: bool = True, strength: float = 1.0,
+                 eta: float = 0.0, sample_posterior: bool = True, strength: float = 1.0,
                  on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """`__call__` on preprocessed inputs, at the working size. Every output row draws its noise from its own
-        key: row r from `seed` + r (or from `seed[r]` when a list is given), so an image's edit does not depend
-        on the batch it is in, the device count, or padding."""
+        """`__call__` on preprocessed inputs, at the working size (pasting back is `Edit.back`'s). Every output
+        row draws its noise from its own key: row r from `seed` + r (or from `seed[r]` when a list is given), so
+        an image's edit does not depend on the batch it is in, the device count, or padding."""
         n = num_images_per_reference
         if n < 1:
             raise ValueError(f"num_images_per_reference must be ≥ 1, not {n}")
@@ -328,9 +327,6 @@ class PaintByExample:
             out = np.asarray(out)[:rows]
         finally:
             self._on_step = None
-        if keep_unmasked:
-            out = np.stack([images.paste_back(s, o, 1.0 - k[..., 0])
-                            for s, o, k in zip(rep(x.source_rgb), out, rep(x.keep))])
         return out
 
 
