@@ -24,10 +24,11 @@ sample_every steps) and export/ (a diffusers folder at the end; with model.lora.
 export/lora/pytorch_lora_weights.safetensors, the adapter in diffusers' layout).
 
 --compile-only TOPOLOGY compiles the step this exact command would run for a TPU slice (v5e-8, v5p-64,
-v4-8, v6e-16, v5e:2x4, ...; `--slices N` for a multislice run) on this machine, with libtpu (the [tpu] extra),
-touching no data, weights (only their config.json files) or workdir, and prints the compiler's per-chip memory,
-FLOPs, roofline, Mosaic kernels and collectives (python -m pbe_jax.aot has the same for sampling). Exit status
-0 when it fits in the chip's HBM, 3 when it does not.
+v4-8, v6e-16, v5e:2x4, ...; `--slices N` for a multislice run; libtpu, the [tpu] extra) or for GPU nodes (h100-8,
+h100:2x8, h200-8, a100-80gb-8, l4-1; the CUDA plugin, the [gpu] extra) on this machine, touching no data,
+weights (only their config.json files) or workdir, and prints the compiler's memory per device, FLOPs,
+roofline, kernels and library calls and collectives (python -m pbe_jax.aot has the same for sampling). Exit
+status 0 when it fits in a device's memory, 3 when it does not.
 
 SIGTERM (a preemption notice) finishes the current step, checkpoints it (every process agreeing on the step),
 prints the command that resumes and exits with status 0. Exit status 1: bad arguments, config or storage;
@@ -55,9 +56,10 @@ def main(argv=None) -> int:
     p.add_argument("--export-to", metavar="DIR", help="with --export: the folder to write instead")
     p.add_argument("--compile-only", metavar="TOPOLOGY",
                    help="train nothing: compile this command's step for a TPU slice (v5e-8, v5p-64, v4-8, v6e-8, "
-                        "v5e:2x4, ...) and report whether it fits (exit 0) or not (exit 3); needs the [tpu] extra")
+                        "v5e:2x4, ...; the [tpu] extra) or GPU nodes (h100-8, h100:2x8, h200-8, a100-80gb-8, l4-1; "
+                        "the [gpu] extra) and report whether it fits (exit 0) or not (exit 3)")
     p.add_argument("--slices", type=int, default=1, metavar="N",
-                   help="with --compile-only: N such slices joined by the data-centre network (default 1)")
+                   help="with --compile-only: N such TPU slices joined by the data-centre network (default 1)")
     p.add_argument("--json", metavar="FILE", help="with --compile-only: also write the report as JSON")
     compile_cache.add_argument(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.batch_size=8")
@@ -115,6 +117,7 @@ def compile_only(parser, cfg, args) -> int:
         parser.error("--compile-only trains nothing: no --resume")
     try:
         aot.parse_topology(args.compile_only)
+        aot.check_slices(args.compile_only, args.slices)
     except aot.TopologyError as e:
         parser.error(str(e))
     try:

@@ -7,6 +7,10 @@ import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CUDA plugin (the [gpu] extra, for compiling for GPUs) checks its CUDA versions with cuInit when JAX first
+# looks for plugins, fails on this GPU-less machine and is then never registered: skip the check (pbe_jax.aot's
+# own prepare_host does the same, too late for a process whose JAX has already started).
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 # gs:// through gcsfs, which can be pointed at the local GCS fake (the `gcs_emulator` fixture), not through
 # tf.io.gfile. epath decides once per process, at its first use of any path, hence here.
 os.environ["EPATH_USE_TF"] = "false"

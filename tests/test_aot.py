@@ -40,7 +40,7 @@ def test_bad_options_exit_2_and_no_libtpu_names_the_extra(monkeypatch, capsys):
         with pytest.raises(SystemExit) as e:
             aot.main(argv)
         assert e.value.code == 2, argv
-    monkeypatch.setattr(aot, "have_libtpu", lambda: False)
+    monkeypatch.setattr(aot.targets, "have_compiler", lambda text: False)
     assert aot.main(["train", "--topology", "v5e-4"]) == 1
     assert '".[tpu]"' in capsys.readouterr().err
 
