@@ -285,6 +285,18 @@ def _fmt(x, unit: str = "") -> str:
     return str(x)
 
 
+def aot_prediction(devices: set, batch: int) -> float | None:
+    """What `python -m pbe_jax.aot`, compiling on a CPU host for this GPU, said the training step needs per GPU at
+    this batch per GPU (bench/results/gpu-aot/train-<gpu>-8-b<batch>.json, bench/gpu_aot.py: data parallel on a
+    node of 8, so the same program plus the gradient all-reduce): the tool's number beside the device's own
+    compile and peak, so that one can be checked against the other."""
+    kind = next((k for k in ("h100", "h200") if any(k.upper() in str(d) for d in devices)), None)
+    path = ROOT / "bench" / "results" / "gpu-aot" / f"train-{kind}-8-b{batch}.json"
+    if kind is None or not path.exists():
+        return None
+    return round(json.loads(path.read_text())["per_chip_bytes"]["total"] / 2 ** 30, 2)
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"# bench/accelerator.py — {report['mode']}", "",
@@ -331,6 +343,8 @@ def markdown(report: dict) -> str:
          _verdict(g(step, "compile_s"), 60, False)),
         ("training, full step: MFU / peak GiB", "", "", f"{_fmt(g(step, 'mfu'))} / {_fmt(g(step, 'peak_GiB'))}",
          _fmt(g(torch16, "peak_GiB")), "", ""),
+        ("training, full step: GiB compiled here / by pbe_jax.aot from a CPU host", "", "",
+         f"{_fmt(g(step, 'compiled_GiB'))} / {_fmt(aot_prediction(devices, batch('train_step', 16)))}", "", "", ""),
         (f"training, UNet only, batch {batch('unet_only', 16)} (samples/s)", "≥ 130", ANCHORS["unet_only"],
          g(unet, "samples_per_s"), "", "", _verdict(g(unet, "samples_per_s"), 130, True)),
         (f"training, batch {batch('train_remat32', 32)} with remat (samples/s, peak GiB)", "fits",

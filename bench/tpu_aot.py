@@ -16,20 +16,14 @@ TPU; the roofline is FLOPs ÷ peak bf16 rate, a lower bound on the time of a ste
 """
 from __future__ import annotations
 
-import argparse
-import gzip
-import json
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from aot_runner import gib as _gib, load as _load, main as run_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "tpu-aot"
-HLO = OUT / "hlo"
 
 # The settings recommended per chip (docs/tpu.md): no remat (recomputation costs a third more FLOPs, and the
 # compiler's time for a remat step at full size is prohibitive), bf16 frozen towers (they are only run
@@ -75,70 +69,8 @@ def cases() -> dict[str, list[str]]:
     return out
 
 
-def run(names: list[str]) -> int:
-    OUT.mkdir(parents=True, exist_ok=True)
-    todo = cases()
-    unknown = [n for n in names if n not in todo]
-    if unknown:
-        print(f"error: unknown case(s) {', '.join(unknown)}; `python bench/tpu_aot.py list` names them",
-              file=sys.stderr)
-        return 2
-    for name in names or list(todo):
-        path = OUT / f"{name}.json"
-        if path.exists():
-            continue
-        t0 = time.perf_counter()
-        HLO.mkdir(exist_ok=True)
-        hlo = HLO / f"{name}.hlo"
-        with tempfile.TemporaryFile("w+") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "pbe_jax.aot", *todo[name], "--json", str(path),
-                                     "--hlo", str(hlo)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
-            _, status, usage = os.wait4(proc.pid, 0)  # this compile's own peak memory, not the runner's
-            err.seek(0)
-            lines = err.read().strip().splitlines()
-        if os.waitstatus_to_exitcode(status) not in (0, 3):
-            print(json.dumps({"case": name, "error": lines[-1:]}), flush=True)
-            continue
-        if hlo.exists():
-            with open(hlo, "rb") as src, gzip.open(f"{hlo}.gz", "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            hlo.unlink()
-        report = json.loads(path.read_text())
-        report["host"] = {"wall_s": round(time.perf_counter() - t0, 1),
-                          "peak_rss_gb": round(usage.ru_maxrss / 1e6, 2),
-                          "machine": "2-core CPU host (the project's CI size)"}
-        path.write_text(json.dumps(report, indent=1) + "\n")
-        print(json.dumps({"case": name, "fits": report["fits"], "total_GiB": _gib(report),
-                          "compile_s": report["compile_s"]}), flush=True)
-    return 0
-
-
-def recount() -> int:
-    """What the report reads from the HLO text, read again from the kept HLO (after a fix to the reading)."""
-    sys.path.insert(0, str(ROOT))
-    from pbe_jax import aot
-
-    for path in sorted(HLO.glob("*.hlo.gz")):
-        report_path = OUT / f"{path.name.removesuffix('.hlo.gz')}.json"
-        if not report_path.exists():
-            continue
-        with gzip.open(path, "rt") as f:
-            hlo = f.read()
-        report = json.loads(report_path.read_text())
-        report.update(collectives=aot.collectives(hlo), mosaic_kernels=aot.mosaic_kernels(hlo),
-                      dtypes=aot.dtype_census(hlo))
-        report_path.write_text(json.dumps(report, indent=1) + "\n")
-        print(json.dumps({"case": report_path.stem, "collectives": report["collectives"]}), flush=True)
-    return 0
-
-
-def _gib(report: dict) -> float | None:
-    total = report["per_chip_bytes"].get("total")
-    return None if total is None else round(total / 2 ** 30, 2)
-
-
 def load() -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))}
+    return _load(OUT)
 
 
 def table() -> str:
@@ -175,21 +107,7 @@ def table() -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["run", "list", "table", "recount"])
-    p.add_argument("cases", nargs="*")
-    args = p.parse_args(argv)
-    if args.command == "run":
-        return run(args.cases)
-    if args.command == "recount":
-        return recount()
-    if args.command == "list":
-        done = load()
-        for name in cases():
-            print(f"{'done' if name in done else '    '}  {name}")
-        return 0
-    print(table())
-    return 0
+    return run_main(argv, __doc__, cases, OUT, "tpu_aot.py", table)
 
 
 if __name__ == "__main__":

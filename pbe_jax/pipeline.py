@@ -21,6 +21,7 @@ from pbe_jax import images, memory, parallel, regions, storage
 from pbe_jax.convert import PaintByExampleModels, load
 from pbe_jax.diffusion import NoiseSchedule, guided, make_tables, per_row, sample, start_noise
 from pbe_jax.models import Policy
+from pbe_jax.models.layers import store_kernels_in_compute_dtype
 
 
 def default_dtype(mesh: jax.sharding.Mesh | None = None):
@@ -157,7 +158,8 @@ class PaintByExample:
         """`path_or_repo`: a Paint-by-Example folder (diffusers layout or this project's checkpoint), a single file
         in the original release's layout (`model.ckpt`, `.safetensors`; `ema`: its EMA weights when it has
         them), or a Hub repository id. `dtype` is the compute dtype (default: bfloat16 on accelerators, float32
-        on CPU); parameters are float32. `attention`: "auto", "xla" or "cudnn". `lora`: a UNet LoRA file in
+        on CPU); parameters are float32, except the Linear and Conv kernels, kept in a half-precision compute
+        dtype (`store_kernels_in_compute_dtype`: the same results, half their memory). `attention`: "auto", "xla" or "cudnn". `lora`: a UNet LoRA file in
         diffusers' layout (or a folder holding pytorch_lora_weights.safetensors), merged into the UNet's weights
         at `lora_scale` times its alpha / rank; keys that are not UNet LoRA factors are reported (a warning). The
         parts trained beside it, when its folder holds them (`lora.PARTS_FILE`), replace the base's."""
@@ -175,6 +177,7 @@ class PaintByExample:
             parts = (lora_path if lora_path.is_dir() else lora_path.parent) / lora_lib.PARTS_FILE
             if parts.is_file():  # conv_in / bottleneck trained beside the adapter (model.lora.train)
                 lora_lib.load_parts(models, parts)
+        store_kernels_in_compute_dtype(*models.components().values())
         return cls(models, mesh=mesh)
 
     @property

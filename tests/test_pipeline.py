@@ -184,3 +184,30 @@ def test_reference_processor_matches_transformers(tiny_folder):
 def test_missing_pretrained_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such folder"):
         PaintByExample.from_pretrained(tmp_path / "nothing-here")
+
+
+def test_half_precision_kernels_are_stored_in_it_with_the_same_edit(tiny_folder):
+    """A bf16 pipeline keeps its Linear and Conv kernels in bf16 (each use casts them to it anyway): every kernel
+    of a half-precision layer is bf16, everything else float32, and the edit is the same bit for bit as with
+    float32 kernels cast at each use."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from pbe_jax.convert import load
+    from pbe_jax.models import Policy
+
+    stored = PaintByExample.from_pretrained(tiny_folder("sd"), dtype="bfloat16")
+    cast_at_use = PaintByExample(load(tiny_folder("sd"), policy=Policy(dtype=jnp.bfloat16)))
+    kinds = {}
+    for net in stored.models.components().values():
+        for path, module in nnx.iter_graph(net):
+            if isinstance(module, nnx.Variable):
+                kernel = path[-1] == "kernel"
+                kinds.setdefault((kernel, str(module.get_value().dtype)), 0)
+                kinds[kernel, str(module.get_value().dtype)] += 1
+    assert {k for k in kinds if k[0]} == {(True, "bfloat16")} and (False, "float32") in kinds, kinds
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nnx.state(cast_at_use.models.unet)))
+    img, masks, refs = inputs(2, 32, 32)
+    a, b = (np.asarray(p(img, masks, refs, steps=3, seed=1, height=32, width=32)) for p in (stored, cast_at_use))
+    np.testing.assert_array_equal(a, b)

@@ -206,23 +206,28 @@ def sample_report(models, topo: Topology, *, batch_size: int, sampler: str, step
 
 
 def sample_models(pretrained: str | None, config: str | None, dtype: str, attention: str):
-    """Shapes only: a folder's (or single file's) configs, or a named training config's networks."""
+    """Shapes only: a folder's (or single file's) configs, or a named training config's networks; their kernels
+    stored as `PaintByExample.from_pretrained` stores them (in a half-precision compute dtype)."""
     import jax.numpy as jnp
 
     from pbe_jax import convert
     from pbe_jax.models import Policy
+    from pbe_jax.models.layers import store_kernels_in_compute_dtype
 
     policy = Policy(dtype=jnp.dtype(dtype), attention_backend=attention)
     if pretrained:
         from pbe_jax.pipeline import resolve_pretrained
 
-        return convert.load_abstract(resolve_pretrained(pretrained), policy=policy)
-    from pbe_jax.train import config as config_lib
-    from pbe_jax.train.loop import abstract_models
+        models = convert.load_abstract(resolve_pretrained(pretrained), policy=policy)
+    else:
+        from pbe_jax.train import config as config_lib
+        from pbe_jax.train.loop import abstract_models
 
-    cfg, _ = shape_config(config_lib.load(config))
-    cfg = config_lib.override(cfg, [f"model.dtype={dtype}", f"model.attention={attention}"])
-    return abstract_models(cfg)
+        cfg, _ = shape_config(config_lib.load(config))
+        cfg = config_lib.override(cfg, [f"model.dtype={dtype}", f"model.attention={attention}"])
+        models = abstract_models(cfg)
+    store_kernels_in_compute_dtype(*models.components().values())
+    return models
 
 
 # ---- output ----------------------------------------------------------------------------------------------

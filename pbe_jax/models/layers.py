@@ -32,6 +32,26 @@ def target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
+def store_kernels_in_compute_dtype(*nets: nnx.Module) -> None:
+    """Keep each Linear's and Conv's kernel in the layer's compute dtype where that is half precision. Every use
+    casts the kernel to that dtype anyway (flax promotes it to the layer's dtype), so the results are the same
+    bit for bit; what changes is what the device holds and does: for SD-1.4 sampled in bf16, 2.0 GiB of
+    float32 kernels less, and no cast of a kernel inside the sampler's loop (the GPU compiler left 114 of them
+    in each step). Biases, norms and embeddings stay float32. Works on loaded and on shape-only networks."""
+    for net in nets:
+        for _, module in nnx.iter_graph(net):
+            if not isinstance(module, (nnx.Linear, nnx.Conv)):
+                continue
+            dtype = jnp.dtype(module.dtype) if module.dtype is not None else None
+            kernel = module.kernel.get_value()
+            if dtype not in (jnp.bfloat16, jnp.float16) or kernel.dtype == dtype:
+                continue
+            if isinstance(kernel, jax.ShapeDtypeStruct):
+                module.kernel.set_value(jax.ShapeDtypeStruct(kernel.shape, dtype, sharding=kernel.sharding))
+            else:
+                module.kernel.set_value(kernel.astype(dtype))
+
+
 def linear(i: int, o: int, bias: bool, policy: Policy, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(i, o, use_bias=bias, dtype=policy.dtype, param_dtype=policy.param_dtype, rngs=rngs)
 
