@@ -74,6 +74,13 @@ def recount(out: Path) -> int:
     return 0
 
 
+def sample_case(topology: str, per_device: int, devices: int, sampler: str, steps: int) -> tuple[str, list[str]]:
+    """(case name, aot arguments) of SD-1.4's generation at `per_device` images per device of one host."""
+    return (f"sample-{topology}-b{per_device}-{sampler}{steps}",
+            ["sample", "--topology", topology, "--config", "sd14", "--batch-size", str(per_device * devices),
+             "--sampler", sampler, "--steps", str(steps)])
+
+
 def gib(report: dict) -> float | None:
     total = report["per_chip_bytes"].get("total")
     return None if total is None else round(total / 2 ** 30, 2)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from aot_runner import gib, load as _load, main as run_main  # noqa: E402
+from aot_runner import gib, load as _load, main as run_main, sample_case  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "gpu-aot"
@@ -32,7 +32,7 @@ def cases() -> dict[str, list[str]]:
     out = {}
     # (train-h100-8-b16 and train-h200-8-b16 are also what bench/accelerator.py sets beside a lent GPU's own
     # compile and peak of its batch-16 step)
-    for topo, per_gpus in (("h100-8", (16, 32, 64, 80, 96)), ("h200-8", (16, 64, 128, 160, 192))):
+    for topo, per_gpus in (("h100-8", (16, 32, 64, 80, 96)), ("h200-8", (16, 128, 160, 192))):
         for per_gpu in per_gpus:
             out[f"train-{topo}-b{per_gpu}"] = ["train", "--topology", topo, *NODE,
                                                f"data.batch_size={per_gpu * GPUS[topo]}", "model.remat=False"]
@@ -48,12 +48,11 @@ def cases() -> dict[str, list[str]]:
                                         "model.remat=False", "model.lora.rank=16"]
     # sampling: PLMS-50 up the batches; DPM-Solver++-20 at the first (a program's FLOPs per image, and so its
     # roofline rate, do not depend on the batch; its memory hardly on the sampler)
-    for topo, per_gpus in (("h100-8", (16, 64, 256)), ("h200-8", (16, 256, 512)), ("l4-1", (4, 16, 64))):
+    for topo, per_gpus in (("h100-8", (16, 128, 256)), ("h200-8", (16, 256, 512)), ("l4-1", (4, 16, 32, 64))):
         for per_gpu in per_gpus:
             for sampler, steps in (("plms", 50), ("dpmpp_2m", 20))[:2 if per_gpu == per_gpus[0] else 1]:
-                out[f"sample-{topo}-b{per_gpu}-{sampler}{steps}"] = [
-                    "sample", "--topology", topo, "--config", "sd14", "--batch-size", str(per_gpu * GPUS[topo]),
-                    "--sampler", sampler, "--steps", str(steps)]
+                name, argv = sample_case(topo, per_gpu, GPUS[topo], sampler, steps)
+                out[name] = argv
     return out
 
 
@@ -77,13 +76,14 @@ def _batch(fit, refused) -> str:
 def table() -> str:
     """Markdown: training per GPU (largest measured batch that fits, roofline), then sampling."""
     done = load()
-    rows = ["| GPUs | program | largest per-GPU batch measured that fits (GiB per GPU) | roofline per GPU |",
-            "|---|---|---|---|"]
+    rows = ["| GPUs | program | largest per-GPU batch measured that fits (GiB per GPU) | roofline per GPU "
+            "(TFLOP per sample or image) |", "|---|---|---|---|"]
     for prefix, what in (("train-h100-8-", "train, data parallel, no remat"),
                          ("train-h200-8-", "train, data parallel, no remat"),
                          ("full-l4-1-", "full fine-tuning, remat"), ("lora-l4-1-", "LoRA rank 16, no remat")):
         fit, refused = _largest([r for n, r in done.items() if n.startswith(prefix)])
-        rate = "" if fit is None else f"{fit['samples_per_s_per_chip']:.1f} samples/s"
+        rate = "" if fit is None else (f"{fit['samples_per_s_per_chip']:.1f} samples/s "
+                                       f"({fit['flops_per_chip'] / fit['per_chip_batch'] / 1e12:.2f})")
         rows.append(f"| {prefix.split('-', 1)[1].rstrip('-')} | {what} | {_batch(fit, refused)} | {rate} |")
     for topo in ("h100-8", "h200-8", "l4-1"):
         runs = [r for n, r in done.items() if n.startswith(f"sample-{topo}-")]
@@ -92,7 +92,9 @@ def table() -> str:
         for sampler, label in (("plms", "PLMS-50"), ("dpmpp_2m", "DPM-Solver++-20")):
             r = [x for x in runs if x["sampler"] == sampler and x["fits"]]
             if r:
-                rates.append(f"{label} {max(r, key=lambda x: x['per_chip_batch'])['images_per_s_per_chip']:.2f}")
+                x = max(r, key=lambda x: x["per_chip_batch"])
+                rates.append(f"{label} {x['images_per_s_per_chip']:.2f} "
+                             f"({x['flops_per_chip'] / x['per_chip_batch'] / 1e12:.1f})")
         rows.append(f"| {topo} | sample, bf16, guidance | {_batch(fit, refused)} | "
                     f"{' / '.join(rates) or 'not measured'} images/s |")
     two = done.get("train-h100:2x8-b16")

@@ -121,7 +121,8 @@ def main(argv=None) -> int:
     m.add_argument("--size", type=int, default=512)
     m.add_argument("--batches", default="1,8,16")
     m.add_argument("--remat", choices=["off", "on", "both"], default="both")
-    m.add_argument("--hlo", default=None, help="write each compiled HLO to <prefix>_<target>_<size>_b<B>_remat<0|1>.hlo")
+    m.add_argument("--hlo", default=None,
+                   help="write each compiled HLO to <prefix>_<target>_<size>_b<B>_remat<0|1>.hlo")
     c = sub.add_parser("check", help="tiny config: loss and grads with remat off vs on")
     for s in (m, c):
         s.add_argument("--override", nargs="*", default=[], help="extra config overrides a.b=value")

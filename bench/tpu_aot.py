@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from aot_runner import gib as _gib, load as _load, main as run_main  # noqa: E402
+from aot_runner import gib as _gib, load as _load, main as run_main, sample_case  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "tpu-aot"
@@ -63,9 +63,8 @@ def cases() -> dict[str, list[str]]:
     for topo in TRAIN:
         for per_chip in (4, 16, 32, 64, 128, 256, 512):  # a batch that does not fit is refused in seconds
             for sampler, steps in (("plms", 50), ("dpmpp_2m", 20)):
-                out[f"sample-{topo}-b{per_chip}-{sampler}{steps}"] = [
-                    "sample", "--topology", topo, "--config", "sd14", "--batch-size", str(per_chip * CHIPS[topo]),
-                    "--sampler", sampler, "--steps", str(steps)]
+                name, argv = sample_case(topo, per_chip, CHIPS[topo], sampler, steps)
+                out[name] = argv
     return out
 
 

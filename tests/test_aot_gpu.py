@@ -8,7 +8,8 @@ import pytest
 
 from pbe_jax import aot
 
-pytestmark = pytest.mark.skipif(not aot.have_compiler("h100-8"), reason="the [gpu] extra (CUDA plugin) is not installed")
+pytestmark = pytest.mark.skipif(not aot.have_compiler("h100-8"),
+                                reason="the [gpu] extra (the CUDA plugin) is not installed")
 
 
 @pytest.mark.parametrize("name, generation, shape", [

@@ -13,6 +13,6 @@ from pbe_jax.aot.targets import (CHIPS, GPUS, GiB, Topology, TopologyError, chec
                                  parse_topology, prepare_host, topology)
 
 __all__ = ["CHIPS", "GPUS", "GiB", "Topology", "TopologyError", "analyse", "check_slices", "check_train",
-           "collectives", "compile_report", "custom_calls", "dtype_census", "emit", "flop_count", "have_compiler", "main",
-           "mosaic_kernels", "parse_topology", "prepare_host", "program_flops", "sample_report", "table", "topology",
-           "train_report"]
+           "collectives", "compile_report", "custom_calls", "dtype_census", "emit", "flop_count", "have_compiler",
+           "main", "mosaic_kernels", "parse_topology", "prepare_host", "program_flops", "sample_report", "table",
+           "topology", "train_report"]

@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="program", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--topology", required=True,
-                        help="v5e-8, v5p-8, v4-8, v6e-8, …, v5e:2x4, v5p:2x2x2; h100-8, h100:2x8, h200-8, a100-80gb-8, l4-1")
+                        help="v5e-8, v5p-8, v4-8, v6e-8, …, v5e:2x4, v5p:2x2x2; h100-8, h100:2x8, h200-8, "
+                             "a100-80gb-8, l4-1")
     common.add_argument("--slices", type=int, default=1,
                         help="TPU slices joined by the data-centre network (default 1; GPU nodes: h100:2x8)")
     common.add_argument("--json", metavar="FILE", help="also write the report as JSON (local or gs://)")

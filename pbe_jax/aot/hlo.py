@@ -3,7 +3,6 @@ the kernels and library calls it makes (TPU Mosaic kernels; GPU cuBLAS, cuDNN an
 collectives, and the dtypes of its products. Nothing here compiles; the text is enough."""
 from __future__ import annotations
 
-import json
 import math
 import re
 
@@ -67,8 +66,8 @@ def _target(line: str) -> str | None:
 def _gpu_call_flops(line: str, target: str, result: str, operands: list, shapes: dict) -> float:
     """FLOPs of a GPU library call the cost model counts as nothing (−1), from its shapes: a cuDNN convolution
     as its forward convolution (`_conv_flops`); a cuBLAS gemm as 2 × its result × the contracted size; cuDNN
-    fused attention as 4·B·H·Lq·Lk·D forward (q·kᵀ and p·v) and 10·B·H·Lq·Lk·D backward (q·kᵀ recomputed,
-    then dP = dO·vᵀ, dV = Pᵀ·dO, dQ = dS·k, dK = dSᵀ·q: FlashAttention-2's count)."""
+    fused attention as 4·B·H·Lq·Lk·D forward (q·kᵀ and p·v) and 10·B·H·Lq·Lk·D backward (q·kᵀ
+    recomputed, then dP = dO·vᵀ, dV = Pᵀ·dO, dQ = dS·k, dK = dSᵀ·q: FlashAttention-2's count)."""
     out = next((s for _, s in _shapes(result) if s), None)
     ops = [shapes.get(o) for o in operands]
     if target in _CUDNN_CONV:
@@ -175,8 +174,8 @@ def _trip_count(condition: list[str]) -> int | None:
 def program_flops(hlo: str) -> dict[str, float]:
     """The compiled program's matrix FLOPs (convolutions and dots, which is how a TPU program holds its
     matmuls and a GPU one its Triton gemms) and the FLOPs of its kernels and library calls (TPU splash kernels;
-    GPU cuBLAS gemms, cuDNN convolutions and fused attention), each counted once per instruction (`static`, as the compiler's cost
-    analysis counts a loop's body) and once per execution (`executed`: a counted loop's body times its trip
+    GPU cuBLAS gemms, cuDNN convolutions and fused attention), each counted once per instruction (`static`,
+    as the compiler's cost analysis counts a loop's body) and once per execution (`executed`: a counted loop's body times its trip
     count). `unknown_loops` counts loops whose trip count could not be read (counted once)."""
     comps, entry = _computations(hlo)
     shapes: dict[str, tuple[int, ...]] = {}
@@ -271,8 +270,8 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
 def dtype_census(hlo: str) -> dict[str, int]:
     """The compiled program's convolutions and matrix products (inside fusions too; a TPU program has its dots
     as convolutions; a GPU one calls cuDNN and cuBLAS, keyed by target, operands counted to the first two, a
-    call's scratch bytes left out) counted by operand and result dtypes, "bf16,bf16->f32": float32 operands in a bfloat16
-    step run at a fraction of the MXU's rate, or show a cast that went missing."""
+    call's scratch bytes left out) counted by operand and result dtypes, "bf16,bf16->f32": float32 operands
+    in a bfloat16 step run at a fraction of the matrix units' rate, or show a cast that went missing."""
     types = {}
     found = []
     for name, result, op, line in _instructions(hlo):

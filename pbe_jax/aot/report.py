@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 import time
 
 from pbe_jax.aot.hlo import collectives, custom_calls, dtype_census, mosaic_kernels, program_flops
