@@ -208,3 +208,19 @@ def test_shipped_sampler_on_an_l4(tmp_path):
     assert r["flops_detail"]["unknown_loops"] == 0 and r["flops_detail"]["loop_iterations"] > 0
     assert r["images_per_s_per_chip"] == pytest.approx(4 / r["roofline_s"])
     assert r["peak_bf16_flops"] == 121e12 and r["hbm_bytes"] == 23034 * 2 ** 20
+
+
+def test_the_plugin_stays_quiet_on_a_host_without_a_gpu():
+    """With the [gpu] extra installed on a host without NVIDIA's driver, the CLIs (anything that imports pbe_jax
+    before JAX starts) run on the CPU without the plugin's cuInit traceback."""
+    import ctypes.util
+    import os
+    import subprocess
+    import sys
+
+    if ctypes.util.find_library("cuda") is not None:
+        pytest.skip("this host has NVIDIA's driver")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "JAX_PLATFORMS")}
+    proc = subprocess.run([sys.executable, "-c", "import pbe_jax, jax; print(jax.default_backend())"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "cpu" and "Jax plugin configuration error" not in proc.stderr, proc.stderr[-2000:]
