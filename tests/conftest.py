@@ -46,8 +46,8 @@ TINY_NAMES = ("sd", "alt")
 
 # The modules whose tests take a minute or more, first: under `pytest -n 2 --dist worksteal` both workers then
 # start on long tests and end on short ones, instead of one of them waiting for the other's last long test.
-LONG_FIRST = ("test_train.py", "test_bench.py", "test_aot.py", "test_train_parity.py", "test_cocoee_protocol.py",
-              "test_lora.py", "test_splash.py")
+LONG_FIRST = ("test_train.py", "test_bench.py", "test_aot.py", "test_aot_gpu.py", "test_train_parity.py",
+              "test_cocoee_protocol.py", "test_lora.py", "test_splash.py")
 
 
 def pytest_collection_modifyitems(config, items):
