@@ -159,8 +159,8 @@ class PaintByExample:
         in the original release's layout (`model.ckpt`, `.safetensors`; `ema`: its EMA weights when it has
         them), or a Hub repository id. `dtype` is the compute dtype (default: bfloat16 on accelerators, float32
         on CPU); parameters are float32, except the Linear and Conv kernels, kept in a half-precision compute
-        dtype (`store_kernels_in_compute_dtype`: the same results, half their memory). `attention`: "auto", "xla" or "cudnn". `lora`: a UNet LoRA file in
-        diffusers' layout (or a folder holding pytorch_lora_weights.safetensors), merged into the UNet's weights
+        dtype (`store_kernels_in_compute_dtype`: the same results, half their memory). `attention`: "auto",
+        "xla" or "cudnn". `lora`: a UNet LoRA file in diffusers' layout (or a folder holding pytorch_lora_weights.safetensors), merged into the UNet's weights
         at `lora_scale` times its alpha / rank; keys that are not UNet LoRA factors are reported (a warning). The
         parts trained beside it, when its folder holds them (`lora.PARTS_FILE`), replace the base's."""
         from pbe_jax import lora as lora_lib

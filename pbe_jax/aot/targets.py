@@ -13,6 +13,16 @@ from typing import Any
 
 GiB = 2 ** 30
 
+# What `fits` leaves free of a TPU's HBM. The compiler has its own limit, what it says is available to a program
+# (measured here, in GiB: 15.75 of v5e's 16, 30.75 of v4's 32, 31.25 of v6e's 32, 95.74 on v5p, whose 95 GB
+# specification `hbm_bytes` keeps), and refuses larger programs (RESOURCE_EXHAUSTED: a report with fits false).
+# At run time the HBM also holds what one program's buffer assignment does not count: the next batch,
+# transferred while the step runs (8 images at 512² in uint8: 6 MB), the code of the other programs loaded
+# (the sampler for the training grids: 0.1–0.4 GiB), and what the allocator loses to fragmentation between
+# them. 5 % of the chip (0.8 GiB on v5e, 1.6 GiB on v4/v6e, 4.8 GB on v5p) covers the first two with room for
+# the third; a program that fits only within the margin is one to try on the chip before counting on it.
+MARGIN = 0.05
+
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
@@ -25,7 +35,7 @@ class Chip:
     peak_bf16_flops: float  # dense, per chip
     chips_per_host: int  # the largest single-host slice (v5e/v6e: 8 chips; v4/v5p: 4)
     platform = "tpu"
-    margin = 0.05  # MARGIN
+    margin = MARGIN
     reserve_bytes = 0
 
 
@@ -36,15 +46,6 @@ CHIPS = {
     "v6e": Chip("v6e", 2, 1, 32 * GiB, 918e12, 8),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
-# What `fits` leaves free of a TPU's HBM. The compiler has its own limit, what it says is available to a program
-# (measured here, in GiB: 15.75 of v5e's 16, 30.75 of v4's 32, 31.25 of v6e's 32, 95.74 on v5p, whose 95 GB
-# specification `hbm_bytes` keeps), and refuses larger programs (RESOURCE_EXHAUSTED: a report with fits false).
-# At run time the HBM also holds what one program's buffer assignment does not count: the next batch,
-# transferred while the step runs (8 images at 512² in uint8: 6 MB), the code of the other programs loaded
-# (the sampler for the training grids: 0.1–0.4 GiB), and what the allocator loses to fragmentation between
-# them. 5 % of the chip (0.8 GiB on v5e, 1.6 GiB on v4/v6e, 4.8 GB on v5p) covers the first two with room for
-# the third; a program that fits only within the margin is one to try on the chip before counting on it.
-MARGIN = 0.05
 
 GPU_CONFIGS = Path(__file__).resolve().parent / "gpus"
 # What `fits` leaves free of a GPU's memory, besides the program's buffers: a fixed reserve and a fraction.
@@ -251,7 +252,7 @@ def topology(text: str, slices: int = 1) -> Topology:
             desc = topologies.get_topology_desc(platform="cuda", target_config=GPUS[generation].config,
                                                 topology=name)
         except NotImplementedError as e:  # the plugin failed its version check and was never registered
-            raise RuntimeError(f"the CUDA plugin is installed but not registered ({e}); set "
+            raise TopologyError(f"the CUDA plugin is installed but not registered ({e}); set "
                                f"JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 before JAX starts (pbe_jax.aot does)") from e
         return Topology(text, generation, shape, 1, list(desc.devices))
     quiet_libtpu()
