@@ -127,7 +127,7 @@ def run_torch(args, emit=None) -> dict:
     schedulers swapped in with `from_config`); `emit(key, row)` as for run_jax."""
     import torch
 
-    from pbe_jax import reference
+    from pbe_jax.parity import reference
 
     cuda = torch.cuda.is_available()
     dtype = torch.float16 if cuda else torch.float32
@@ -225,7 +225,7 @@ def main(argv=None):
         return
     with tempfile.TemporaryDirectory() as tmp:
         if args.config == "tiny" and args.folder is None:
-            from pbe_jax import reference
+            from pbe_jax.parity import reference
 
             args.folder = str(reference.save_tiny(tmp, "sd"))
         result = {"config": args.config, "size": args.size, "steps": args.steps, "guidance": 5.0,

@@ -62,7 +62,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
     """A factory: the diffusers folder of tiny random pipeline `name`, saved once per session."""
-    from pbe_jax import reference
+    from pbe_jax.parity import reference
 
     cache = {}
 
@@ -77,8 +77,8 @@ def tiny_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pair(tiny_folder):
     """A factory: (PyTorch modules, JAX models) loaded from the same tiny folder."""
-    from pbe_jax import reference
     from pbe_jax.convert import load
+    from pbe_jax.parity import reference
 
     cache = {}
 

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pbe_jax import compare as cmp
-from pbe_jax import reference
 from pbe_jax.convert import convert, is_checkpoint, load, mapping, save
+from pbe_jax.parity import compare as cmp, reference
 
 from conftest import TINY_NAMES
 

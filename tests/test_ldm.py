@@ -10,7 +10,7 @@ import pytest
 
 from pbe_jax.convert import ldm
 from pbe_jax.convert.weights import WeightsError
-from pbe_jax.reference import TINY
+from pbe_jax.parity.reference import TINY
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from pbe_jax import compare as cmp
 from pbe_jax.convert import mapping
+from pbe_jax.parity import compare as cmp
 
 from conftest import TINY_NAMES
 
@@ -56,8 +56,8 @@ def test_compare_detects_a_wrong_weight(tiny_folder):
     """The harness is able to fail: one perturbed parameter in the port breaks the check."""
     from flax import nnx
 
-    from pbe_jax import reference
     from pbe_jax.convert import load
+    from pbe_jax.parity import reference
 
     folder = tiny_folder("sd")
     torch_modules, models = reference.load_torch(folder), load(folder)
@@ -80,8 +80,8 @@ def test_compare_cli_offline_exit_status(capsys):
 def test_bfloat16_port_is_no_worse_than_pytorch_bfloat16(tiny_pair):
     import jax.numpy as jnp
 
-    from pbe_jax import reference
     from pbe_jax.models import Policy
+    from pbe_jax.parity import reference
 
     torch_modules, _ = tiny_pair("alt")
     models = reference.to_jax(torch_modules, Policy(dtype=jnp.bfloat16))
@@ -109,3 +109,22 @@ def test_compare_cli_end_to_end(capsys):
     rows = {r["component"]: r for r in result["components"]}
     assert rows["pipeline/plms"]["ok"] and rows["pipeline/ddim"]["ok"]
     assert rows["pipeline/plms"]["max_abs"] <= 2
+
+
+def test_the_old_command_is_the_parity_cli():
+    """`python -m pbe_jax.compare` (the old name) takes what `python -m pbe_jax.parity` takes, and --help imports
+    neither JAX nor PyTorch (it is quick)."""
+    import subprocess
+    import sys
+
+    helps = {}
+    for module in ("pbe_jax.parity", "pbe_jax.compare"):
+        r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        helps[module] = r.stdout.replace("python -m pbe_jax.parity", "P").replace("python -m pbe_jax.compare", "P")
+    assert "--train" in helps["pbe_jax.parity"] and "--end-to-end" in helps["pbe_jax.parity"]
+    assert helps["pbe_jax.compare"] == helps["pbe_jax.parity"]
+    heavy = subprocess.run([sys.executable, "-c", "import sys, pbe_jax.parity.compare; print(sorted({'jax', 'torch', "
+                            "'diffusers', 'transformers'} & set(sys.modules)))"], capture_output=True, text=True,
+                           timeout=120)
+    assert heavy.returncode == 0 and heavy.stdout.strip() == "[]", heavy.stdout + heavy.stderr

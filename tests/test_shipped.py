@@ -34,9 +34,9 @@ def test_shipped_folder_is_small_safetensors_in_diffusers_layout():
 def test_shipped_folder_opens_in_diffusers_with_the_same_weights():
     torch = pytest.importorskip("torch")
     pytest.importorskip("diffusers")
-    from pbe_jax import reference
     from pbe_jax.convert import load, mapping
     from pbe_jax.convert.diffusers import COMPONENTS
+    from pbe_jax.parity import reference
 
     nets = reference.load_torch(sample.DEFAULT_MODEL)
     ours = load(sample.DEFAULT_MODEL).components()

@@ -9,7 +9,7 @@ import pytest
 
 from pbe_jax.convert import single_file as sf
 from pbe_jax.convert.weights import WeightsError, save_safetensors
-from pbe_jax.reference import TINY
+from pbe_jax.parity.reference import TINY
 
 torch = pytest.importorskip("torch")
 

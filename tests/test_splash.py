@@ -66,9 +66,9 @@ for head_dim, length in ((40, 1100), (80, 1030), (160, 1500)):
     assert max(errors) <= 1e-5, errors
 
 # A whole UNet at 32x32 latents (1024 tokens at its first level), in the mesh, against xla on one device.
-from pbe_jax import reference
 from pbe_jax.convert import init, mapping
 from pbe_jax.models import Policy, UNet2DConditionModel, UNetConfig
+from pbe_jax.parity import reference
 config = UNetConfig.from_dict(dict(reference.TINY["sd"]["unet"], attention_head_dim=2), "tiny")
 params = init.random_params(UNet2DConditionModel, config, Policy(), 0)
 nets = {b: mapping.materialize(UNet2DConditionModel, config, Policy(attention_backend=b), params, b)

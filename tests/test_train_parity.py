@@ -1,4 +1,4 @@
-"""The training step against the PyTorch reference of the original release's step (pbe_jax.compare_train) on
+"""The training step against the PyTorch reference of the original release's step (pbe_jax.parity.train) on
 tiny random models: one step's loss, gradients and AdamW update, and a 100-step loss curve with warm-up and
 clipping."""
 import json
@@ -10,7 +10,7 @@ pytest.importorskip("diffusers")
 
 
 def test_one_step_through_the_cli(tiny_folder, capsys):
-    from pbe_jax import compare
+    from pbe_jax.parity import compare
 
     code = compare.main(["--train", "--diffusers", str(tiny_folder("sd")), "--json"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -28,19 +28,19 @@ def test_one_step_through_the_cli(tiny_folder, capsys):
 def test_a_hundred_steps_with_warmup_and_clipping(tiny_folder, tmp_path):
     import jax
 
-    from pbe_jax import compare_train, reference
     from pbe_jax.convert import load
+    from pbe_jax.parity import reference, train
 
     jax.config.update("jax_default_matmul_precision", "highest")
     folder = tiny_folder("sd")
-    settings = compare_train.Settings(lr=3e-4, warmup_steps=10, clip_norm=1.0)
-    report = compare_train.run(reference.load_torch(folder), load(folder), settings=settings, steps=100)
+    settings = train.Settings(lr=3e-4, warmup_steps=10, clip_norm=1.0)
+    report = train.run(reference.load_torch(folder), load(folder), settings=settings, steps=100)
     c = report["curve"]
-    assert report["ok"], compare_train.format_report(report)
+    assert report["ok"], train.format_report(report)
     assert report["one_step"]["update_rel_max"] is None  # the first step's lr × 1e-6 moves no float32 weight
     assert c["loss_rel_max"] <= 1e-3 and len(c["loss_jax"]) == 100
     assert c["param_travelled"] > 0 and c["param_distance_rel"] < 1e-2
-    compare_train.plot(report, str(tmp_path / "curve.png"))
+    train.plot(report, str(tmp_path / "curve.png"))
     assert (tmp_path / "curve.png").stat().st_size > 10_000
 
 
@@ -75,8 +75,8 @@ def test_a_wrong_convention_on_one_side_fails(tiny_folder, monkeypatch):
     against 1.6e-7 and 2.7e-6 without a mistake."""
     import jax
 
-    from pbe_jax import compare_train as ct, reference
     from pbe_jax.convert import load
+    from pbe_jax.parity import reference, train as ct
 
     jax.config.update("jax_default_matmul_precision", "highest")
     folder = tiny_folder("sd")
@@ -104,7 +104,7 @@ def test_a_wrong_convention_on_one_side_fails(tiny_folder, monkeypatch):
 
 
 def test_grads_only_is_one_step():
-    from pbe_jax import compare
+    from pbe_jax.parity import compare
 
     for argv in (["--train", "--grads-only", "--steps", "2"], ["--grads-only"]):
         with pytest.raises(SystemExit) as e:

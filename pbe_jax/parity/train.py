@@ -1,6 +1,6 @@
 """Training parity: the JAX training step (`pbe_jax.train.step`) against the PyTorch reference of the
 original release's step (`reference.TrainingReference`), on the same weights, batches and random draws.
-`python -m pbe_jax.compare --train` runs it (see there).
+`python -m pbe_jax.parity --train` runs it (see there).
 
 One step on a fixed batch: the loss, every trainable parameter's gradient and every parameter's update
 (after the optimiser's step; where it is well conditioned, see CONDITIONED) are compared tensor by tensor
@@ -167,8 +167,8 @@ class JaxSide:
 
 
 def _setup(torch_modules, models, settings: Settings, steps: int, image_size, trainable, optimizer: bool):
-    from pbe_jax import reference
     from pbe_jax.diffusion import NoiseSchedule
+    from pbe_jax.parity import reference
     from pbe_jax.train.config import ModelConfig
 
     trainable = tuple(trainable or ModelConfig().trainable)
