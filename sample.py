@@ -40,16 +40,14 @@ import json
 import sys
 from pathlib import Path
 
-SAMPLERS = ("plms", "ddim", "dpmpp_2m", "unipc")  # pbe_jax.diffusion.SAMPLERS, without importing JAX for --help
-ROOT = Path(__file__).resolve().parent
-DEFAULT_MODEL = ROOT / "checkpoints" / "synthetic"
-DEFAULT_EXAMPLE = ROOT / "examples" / "synthetic"
+# Shared with the web page and the library; plain values, so --help imports no JAX.
+from pbe_jax.defaults import (DEFAULT_SAMPLER, DEFAULT_SCALE, DEFAULT_STEPS, ROOT, SAMPLERS, SHIPPED_EXAMPLE,
+                              SHIPPED_MODEL)
+from pbe_jax.defaults import GRID_HEIGHT  # noqa: F401 -- the height of OUT_grid.png's small edits (images.edit_grid)
+
+DEFAULT_MODEL = SHIPPED_MODEL
+DEFAULT_EXAMPLE = SHIPPED_EXAMPLE
 DEFAULT_OUT = Path("out") / "edit.png"
-# DPM-Solver++ 2M at 20 steps: 2.5× fewer network calls than the paper's PLMS-50, with the same attribute score,
-# a CLIP score 0.6 lower and higher PSNR/SSIM on the synthetic benchmark (bench/quality_steps.py, docs/sampling.md
-# "Samplers and steps"); `--sampler plms --steps 50` is the paper's setting.
-DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp_2m", 20
-GRID_HEIGHT = 256  # smaller edits are enlarged (whole pixels) in the grid, for looking at
 
 
 def at_least(low, kind=int):
@@ -89,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one edit: how many edits to draw, seeds seed .. seed+N-1 (out.png, out_1.png, ...)")
     p.add_argument("--steps", type=at_least(1), default=DEFAULT_STEPS,
                    help=f"denoising steps (default {DEFAULT_STEPS}; the paper: --sampler plms --steps 50)")
-    p.add_argument("--scale", type=at_least(0.0, float), default=5.0,
-                   help="classifier-free guidance scale (default 5); 1 = the exemplar's condition alone, "
-                        "0 = the learned unconditional vector alone (no exemplar)")
+    p.add_argument("--scale", type=at_least(0.0, float), default=DEFAULT_SCALE,
+                   help=f"classifier-free guidance scale (default {DEFAULT_SCALE:g}); 1 = the exemplar's condition "
+                        "alone, 0 = the learned unconditional vector alone (no exemplar)")
     p.add_argument("--seed", type=int, default=0, help="random seed; job i of a batch uses seed + i")
     p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
                    help="plms (the paper's, PNDM in diffusers), ddim, dpmpp_2m (DPM-Solver++ 2M) or unipc, each "
@@ -223,10 +221,9 @@ def edit_one(args, pipe, options) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] + [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(1, len(results))]
     for result, path in zip(results, paths):
-        batch.save_png(result, path)
+        images.save_png(result, path)
     grid_path = out.with_name(out.stem + "_grid.png")
-    picture = batch.grid(source, mask, references[0], *results)
-    batch.save_png(batch.enlarge(picture, GRID_HEIGHT), grid_path)
+    images.save_png(images.edit_grid(source, mask, references[0], results), grid_path)
     print(f"wrote {', '.join(map(str, paths))} and {grid_path}")
     return 0
 

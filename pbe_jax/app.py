@@ -40,11 +40,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_MODEL = ROOT / "checkpoints" / "synthetic"
-SHIPPED_EXAMPLES = ROOT / "examples" / "synthetic"
-SAMPLERS = ("plms", "ddim", "dpmpp_2m", "unipc")  # pbe_jax.diffusion.SAMPLERS, without importing JAX for --help
-DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_SCALE = "dpmpp_2m", 20, 5.0  # sample.py's defaults
+# sample.py's, and the library's; plain values, so --help imports no JAX.
+from pbe_jax.defaults import (DEFAULT_SAMPLER, DEFAULT_SCALE, DEFAULT_STEPS, ROOT, SAMPLERS, SHIPPED_EXAMPLE,
+                              SHIPPED_MODEL)
+
 MAX_SIDE = 4096  # pixels: a larger upload is refused (decoding it alone would take hundreds of MB)
 MAX_FILE = "32mb"  # gradio refuses larger uploads before they reach the model
 MAX_IMAGES = 4
@@ -53,8 +52,6 @@ BRUSH = 8  # the brush's radius in the image's pixels (gradio's "auto" is 1/50 o
 MAX_WORKING_SIZE = 1024
 AUTO_CROP_MARGIN = 32  # pixels around the mask's box when "auto" crops (a photo larger than the working size)
 MAX_BLUR = 64  # pixels: the mask blur's upper limit
-GRID_HEIGHT = 256  # sample.py's: small edits are enlarged (whole pixels) in the grid
-GRID_MAX_HEIGHT = 512  # photo-sized edits are shown shrunk to this height in the grid (the gallery has them whole)
 
 # Small images (the shipped model works at 64²) shown whole and enlarged by whole pixels, not blurred.
 CSS = """
@@ -240,17 +237,8 @@ class Editor:
                                 sampler=sampler, height=size, width=size, padding_mask_crop=margin,
                                 mask_blur=mask_blur, strength=strength, num_images_per_reference=num_images,
                                 keep_unmasked=bool(keep_unmasked), on_step=on_step)
-        return list(results), overview(source, mask, reference, results)
-
-
-def overview(source: np.ndarray, mask: np.ndarray, reference: np.ndarray, results) -> np.ndarray:
-    """source | mask | reference | edits at the edits' height, shrunk to at most GRID_MAX_HEIGHT for photos and
-    enlarged by whole pixels to at least GRID_HEIGHT for small edits."""
-    from pbe_jax import batch, images
-
-    h = min(results[0].shape[0], GRID_MAX_HEIGHT)
-    shown = [images.resize_rgb(r, (h, max(1, round(r.shape[1] * h / r.shape[0])))) for r in results]
-    return batch.enlarge(batch.grid(source, mask, reference, *shown), GRID_HEIGHT)
+        # photo-sized edits shrunk in the grid (the gallery has them whole), small ones enlarged by whole pixels
+        return list(results), images.edit_grid(source, mask, reference, results)
 
 
 def _number(value: Any, what: str) -> float:
@@ -299,14 +287,14 @@ def find_examples(folders: list[str | Path]) -> list[tuple[Path, Path, Path]]:
 def example_rows(examples: list[tuple[Path, Path, Path]], folder: Path) -> list[list]:
     """Rows for gr.Examples: the editor's value (the source as background, the mask as a painted layer, written
     as PNGs into `folder`) and the reference."""
-    from pbe_jax import batch, images
+    from pbe_jax import images
 
     rows = []
     for i, (source, mask, reference) in enumerate(examples):
         rgb = images.to_rgb(images.load_image(source))
         m = images.resize_mask(images.to_mask(images.load_image(mask)), rgb.shape[:2])
         layer = folder / f"example_{i}_mask_layer.png"
-        batch.save_png(mask_layer(m), layer)
+        images.save_png(mask_layer(m), layer)
         rows.append([{"background": str(source), "layers": [str(layer)], "composite": None}, str(reference)])
     return rows
 
@@ -500,7 +488,7 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     compile_cache.enable(args.compile_cache)
-    examples = find_examples([SHIPPED_EXAMPLES, *args.examples])
+    examples = find_examples([SHIPPED_EXAMPLE, *args.examples])
     try:
         editor = Editor(args.pretrained, dtype=args.dtype)
     except (OSError, ValueError) as e:

@@ -4,18 +4,15 @@ input able to stop the run or lose its results."""
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import time
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from PIL import Image
 
 from pbe_jax import images, storage
 from pbe_jax.storage import Path, PathLike
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 # COCOEE folder names: this project's and the Paint-by-Example release's (test_bench/GT_3500 etc.), and the
 # file-name suffixes the release adds to the shared id (000000001234_GT.png, _mask.png, _ref.png).
 LAYOUT = {"source": ("source", "GT"), "mask": ("mask", "Mask"), "reference": ("reference", "Ref")}
@@ -108,7 +105,7 @@ def layout_dirs(folder: Path) -> dict[str, Path]:
 
 def layout_files(folder: Path) -> dict[str, dict[str, Path]]:
     """The images of a COCOEE-layout folder by role ("source", "mask", "reference") and id."""
-    return {role: {_strip_id(p.stem): p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    return {role: {_strip_id(p.stem): p for p in d.iterdir() if p.suffix.lower() in images.IMAGE_SUFFIXES}
             for role, d in layout_dirs(folder).items()}
 
 
@@ -129,7 +126,7 @@ def _no_jobs(folder: Path) -> str:
     source image has a mask and a reference)."""
     dirs = layout_dirs(folder)
     empty = [f"{d.name}/" for role, d in dirs.items()
-             if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in d.iterdir())]
+             if not any(p.suffix.lower() in images.IMAGE_SUFFIXES for p in d.iterdir())]
     if not empty:
         return f"{folder}: no jobs: no source image has a matching mask and reference"
     names = empty[0] if len(empty) == 1 else f"{', '.join(empty[:-1])} and {empty[-1]}"
@@ -155,14 +152,6 @@ def load_jobs(spec: PathLike) -> list[Job]:
 
 def output_path(out_dir: PathLike, job: Job) -> Path:
     return storage.path(out_dir) / f"{job.id}.png"
-
-
-def save_png(image: np.ndarray, path: PathLike) -> None:
-    """All or nothing (`storage.write_bytes`): never a half-written file that a resumed run would take as
-    finished."""
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    storage.write_bytes(path, buffer.getvalue())
 
 
 def check_inputs(job: Job, read: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -255,7 +244,7 @@ def run(jobs: list[Job], out_dir: PathLike, edit: Callable[[list, list, list, li
                 results = edit(sources, masks, refs, seeds + [seeds[-1]] * (batch_size - len(seeds)),
                                dict(chunk[0].options))
                 for job, image in zip(ready, results):
-                    save_png(image, output_path(out_dir, job))
+                    images.save_png(image, output_path(out_dir, job))
                     stats["written"] += 1
             if bar is not None:
                 bar.update(len(chunk))
@@ -295,31 +284,3 @@ def collect_shard_failures(out_dir: PathLike, count: int) -> list[dict] | None:
         return None
     return [json.loads(line) for i in range(count)
             for line in (out_dir / failures_file((i, count))).read_text().splitlines() if line.strip()]
-
-
-GRID_MAX_HEIGHT = 512  # a grid of photo-sized results is drawn at this height
-
-
-def grid(source: np.ndarray, mask: np.ndarray, reference: np.ndarray, *results: np.ndarray) -> np.ndarray:
-    """source | mask | reference | result(s), side by side at the (first) result's height, or at
-    `GRID_MAX_HEIGHT` when that is taller (photos)."""
-    h = min(results[0].shape[0], GRID_MAX_HEIGHT)
-
-    def fit(a):
-        a = a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=-1)
-        w = max(1, round(a.shape[1] * h / a.shape[0]))
-        return np.asarray(Image.fromarray(a).resize((w, h), Image.BICUBIC))
-
-    m = (np.asarray(mask) * 255).astype(np.uint8)
-    gap = np.full((h, 4, 3), 255, np.uint8)
-    parts = [fit(source), gap, fit(m), gap, fit(reference)]
-    for result in results:
-        parts += [gap, fit(result)]
-    return np.concatenate(parts, axis=1)
-
-
-def enlarge(image: np.ndarray, min_height: int) -> np.ndarray:
-    """`image` scaled up by the smallest whole factor that makes it at least `min_height` tall, each pixel a
-    block (no smoothing), so that small edits can be looked at; unchanged when already that tall."""
-    factor = -(-min_height // image.shape[0])
-    return np.repeat(np.repeat(image, factor, 0), factor, 1) if factor > 1 else image

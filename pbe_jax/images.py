@@ -1,8 +1,10 @@
-"""Image input and output on the host: reading files of any common mode, arrays to RGB/mask, the CLIP
-reference preprocessing of the reference pipeline, and pasting the source back outside the mask."""
+"""Image input and output on the host: reading files of any common mode, arrays to RGB/mask, writing PNGs, the CLIP
+reference preprocessing of the reference pipeline, pasting the source back outside the mask, and the source | mask |
+reference | edits grid that sample.py and the web page show."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import warnings
 from typing import Any, Mapping
@@ -11,9 +13,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pbe_jax import storage
+from pbe_jax.defaults import GRID_HEIGHT, GRID_MAX_HEIGHT
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}  # what a folder listing takes for images
 
 
 # EXIF orientation tag (0x0112) -> the PIL transposes that make the stored pixels upright, as
@@ -215,3 +219,43 @@ def paste_back(source: np.ndarray, result: np.ndarray, edit: np.ndarray, feather
     w = (edit * np.clip(2 * blurred - 1, 0, 1))[..., None]  # 0 outside and at the edge, 1 deep inside
     out = source.astype(np.float32) * (1 - w) + result.astype(np.float32) * w
     return np.clip(out.round(), 0, 255).astype(np.uint8)
+
+
+def save_png(image: np.ndarray, path: storage.PathLike) -> None:
+    """All or nothing (`storage.write_bytes`): never a half-written file that a resumed run would take as
+    finished."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    storage.write_bytes(path, buffer.getvalue())
+
+
+def grid(source: np.ndarray, mask: np.ndarray, reference: np.ndarray, *results: np.ndarray) -> np.ndarray:
+    """source | mask | reference | result(s), side by side at the (first) result's height, or at
+    `GRID_MAX_HEIGHT` when that is taller (photos)."""
+    h = min(results[0].shape[0], GRID_MAX_HEIGHT)
+
+    def fit(a):
+        a = a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=-1)
+        w = max(1, round(a.shape[1] * h / a.shape[0]))
+        return np.asarray(Image.fromarray(a).resize((w, h), Image.BICUBIC))
+
+    m = (np.asarray(mask) * 255).astype(np.uint8)
+    gap = np.full((h, 4, 3), 255, np.uint8)
+    parts = [fit(source), gap, fit(m), gap, fit(reference)]
+    for result in results:
+        parts += [gap, fit(result)]
+    return np.concatenate(parts, axis=1)
+
+
+def enlarge(image: np.ndarray, min_height: int) -> np.ndarray:
+    """`image` scaled up by the smallest whole factor that makes it at least `min_height` tall, each pixel a
+    block (no smoothing), so that small edits can be looked at; unchanged when already that tall."""
+    factor = -(-min_height // image.shape[0])
+    return np.repeat(np.repeat(image, factor, 0), factor, 1) if factor > 1 else image
+
+
+def edit_grid(source: np.ndarray, mask: np.ndarray, reference: np.ndarray, results) -> np.ndarray:
+    """The picture of an edit that sample.py writes (OUT_grid.png) and the web page shows: `grid` of source | mask |
+    reference | results, photos shrunk to `GRID_MAX_HEIGHT`, small edits enlarged by whole pixels to at least
+    `GRID_HEIGHT`."""
+    return enlarge(grid(source, mask, reference, *results), GRID_HEIGHT)

@@ -3,6 +3,7 @@ included), the mask read from the painted layers, the editing settings (crop to 
 mask blur, strength) as the pipeline's arguments, a photo-sized edit, and the page itself served with the shipped
 model: driven in a real browser (Debian's chromium through Playwright: upload, paint a stroke, Edit, read the
 result back) and scripted through gradio_client's `edit` endpoint."""
+import inspect
 import io
 import os
 import shutil
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pbe_jax import app
+from pbe_jax import app, defaults, images
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "synthetic"
@@ -132,6 +133,8 @@ def test_the_settings_reach_the_pipeline(editor, monkeypatch):
     editor.edit(source, mask, example("reference"))
     assert {k: calls[-1][k] for k in ("height", "width", "padding_mask_crop", "mask_blur", "strength")} == dict(
         height=None, width=None, padding_mask_crop=app.AUTO_CROP_MARGIN, mask_blur=0.0, strength=1.0)
+    assert (calls[-1]["sampler"], calls[-1]["steps"], calls[-1]["guidance_scale"]) == (
+        defaults.DEFAULT_SAMPLER, defaults.DEFAULT_STEPS, defaults.DEFAULT_SCALE)
     editor.edit(source, mask, example("reference"), size="96", padding_mask_crop="off", mask_blur="2.5",
                 strength=0.5, num_images=2)
     assert {k: calls[-1][k] for k in ("height", "width", "padding_mask_crop", "mask_blur", "strength")} == dict(
@@ -141,10 +144,19 @@ def test_the_settings_reach_the_pipeline(editor, monkeypatch):
 def test_the_grid_of_a_photo_is_shrunk_to_a_sane_height():
     photo = np.zeros((800, 1200, 3), np.uint8)
     mask = np.zeros((800, 1200), np.float32)
-    grid = app.overview(photo, mask, example("reference"), [photo, photo])
-    assert grid.shape[0] == app.GRID_MAX_HEIGHT and grid.shape[1] < 5 * 1200 * app.GRID_MAX_HEIGHT / 800
-    small = app.overview(example("source"), mask[:64, :64], example("reference"), [example("source")])
+    grid = images.edit_grid(photo, mask, example("reference"), [photo, photo])
+    assert grid.shape[0] == defaults.GRID_MAX_HEIGHT and grid.shape[1] < 5 * 1200 * defaults.GRID_MAX_HEIGHT / 800
+    small = images.edit_grid(example("source"), mask[:64, :64], example("reference"), [example("source")])
     assert small.shape[0] == 256  # a 64² edit enlarged by whole pixels (4×)
+
+
+def test_the_page_has_sample_pys_defaults():
+    """The page's and the scripting endpoint's defaults are pbe_jax.defaults' own, as sample.py's are."""
+    params = inspect.signature(app.Editor.edit).parameters
+    assert params["sampler"].default is defaults.DEFAULT_SAMPLER and params["steps"].default is defaults.DEFAULT_STEPS
+    assert params["guidance_scale"].default is defaults.DEFAULT_SCALE and app.SAMPLERS is defaults.SAMPLERS
+    assert app.SHIPPED_MODEL is defaults.SHIPPED_MODEL and app.build_parser().get_default("pretrained") == str(
+        defaults.SHIPPED_MODEL)
 
 
 def test_a_photo_sized_edit_keeps_the_photo_outside_the_mask_bit_for_bit(editor):

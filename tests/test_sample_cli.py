@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sample  # noqa: E402
 
-from pbe_jax import batch  # noqa: E402
+from pbe_jax import batch, defaults  # noqa: E402
 from conftest import xla_env
 
 
@@ -70,6 +70,33 @@ def test_no_arguments_means_the_shipped_model_and_example():
     assert Path(args.pretrained) == sample.DEFAULT_MODEL and args.out == str(sample.DEFAULT_OUT)
     for role, path in (("source", args.image), ("mask", args.mask), ("reference", args.reference[0])):
         assert Path(path) == sample.DEFAULT_EXAMPLE / f"{role}.png" and Path(path).is_file()
+
+
+def test_defaults_are_held_once_and_help_imports_no_jax():
+    """sample.py's defaults are pbe_jax.defaults' own objects (the web page's too, tests/test_app.py); reading them,
+    the image helpers, and both --help pages import no JAX."""
+    p = sample.build_parser()
+    sampler = next(a for a in p._actions if a.dest == "sampler")
+    assert sampler.choices is defaults.SAMPLERS and p.get_default("sampler") is defaults.DEFAULT_SAMPLER
+    assert p.get_default("steps") is defaults.DEFAULT_STEPS and p.get_default("scale") is defaults.DEFAULT_SCALE
+    assert sample.DEFAULT_MODEL is defaults.SHIPPED_MODEL and sample.DEFAULT_EXAMPLE is defaults.SHIPPED_EXAMPLE
+    assert sample.GRID_HEIGHT is defaults.GRID_HEIGHT
+    check = """
+import runpy, sys
+import pbe_jax.defaults, pbe_jax.images
+for argv, run in ((["sample.py", "--help"], lambda: runpy.run_path("sample.py", run_name="__main__")),
+                  (["app", "--help"], lambda: runpy.run_module("pbe_jax.app", run_name="__main__"))):
+    sys.argv = argv
+    try:
+        run()
+    except SystemExit as e:
+        assert e.code == 0, e.code
+print(sorted(m for m in sys.modules if m == "jax" or m.startswith(("jax.", "flax"))))
+"""
+    proc = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: sample.py" in proc.stdout and "usage: python -m pbe_jax.app" in proc.stdout
+    assert proc.stdout.splitlines()[-1] == "[]"
 
 
 def test_batch_manifest_resume_and_failures(tiny_folder, tmp_path, capsys):
@@ -137,7 +164,7 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "--size 63: must be a multiple of 4, this model's autoencoder factor" in capsys.readouterr().err
     from pbe_jax.diffusion import SAMPLERS
 
-    assert sample.SAMPLERS == SAMPLERS
+    assert sample.SAMPLERS is SAMPLERS is defaults.SAMPLERS  # the library's list, held once
     assert sample.main(["--pretrained", str(tmp_path / "none"), "--batch", "m.jsonl", "--out", "o"]) == 1
     assert "no such folder" in capsys.readouterr().err
     (tmp_path / "bad.jsonl").write_text('{"source": "a.png"}\n')
@@ -283,11 +310,11 @@ def test_a_second_run_takes_every_program_from_the_compilation_cache(tmp_path):
                             "--out", str(tmp_path / name)], capture_output=True, text=True, env=env, cwd=ROOT,
                            timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
-        return r.stderr.count("PERSISTENT COMPILATION CACHE MISS"), "MISS for 'jit_generate'" in r.stderr
+        return r.stderr.count("PERSISTENT COMPILATION CACHE MISS"), "MISS for 'jit_edit'" in r.stderr
 
     assert run(tmp_path / "cache", "a.png") == (len(list((tmp_path / "cache").iterdir())), True)
     stored = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert any(name.startswith("jit_generate-") for name in stored)
+    assert any(name.startswith("jit_edit-") for name in stored)
     assert run(tmp_path / "cache", "b.png") == (0, False)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == stored
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pbe_jax import batch, storage
+from pbe_jax import batch, images, storage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def test_benchmark_layout_and_folder_source_in_a_bucket(bucket_dir, tmp_path):
     rng = np.random.default_rng(0)
     for role, suffix in (("GT_3500", "_GT"), ("Mask_bbox_3500", "_mask"), ("Ref_3500", "_ref")):
         for i in ("000000000139", "000000000285"):
-            batch.save_png(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), bucket_dir / "cocoee" / role / f"{i}{suffix}.png")
+            images.save_png(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), bucket_dir / "cocoee" / role / f"{i}{suffix}.png")
     jobs = batch.load_jobs(bucket_dir / "cocoee")
     assert [j.id for j in jobs] == ["000000000139", "000000000285"]
     assert str(jobs[0].mask).startswith("gs://") and batch.check_inputs(jobs[0])[0].shape == (8, 8, 3)

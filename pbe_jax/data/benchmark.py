@@ -28,7 +28,7 @@ import sys
 
 import numpy as np
 
-from pbe_jax import batch, storage
+from pbe_jax import images, storage
 from pbe_jax.data import synthetic
 from pbe_jax.storage import Path
 
@@ -182,7 +182,7 @@ def make_benchmark(out_dir, n: int = 200, seed: int = BENCHMARK_SEED, image_size
             if path.exists():
                 stats["kept"] += 1
             else:
-                batch.save_png(getattr(item, role), path)
+                images.save_png(getattr(item, role), path)
                 stats["written"] += 1
         labels.append(json.dumps(item.label))
     storage.write_text(out / "labels.jsonl", "\n".join(labels) + "\n")
@@ -213,7 +213,7 @@ def write_examples(out_dir, n: int = 1, *, seed: int = EXAMPLES_SEED, image_size
         folder = storage.path(out_dir) if n == 1 else storage.path(out_dir) / item.id
         folder.mkdir(parents=True, exist_ok=True)
         for role in ROLES:
-            batch.save_png(getattr(item, role), folder / f"{role}.png")
+            images.save_png(getattr(item, role), folder / f"{role}.png")
         storage.write_text(folder / "label.json", json.dumps(item.label, indent=1) + "\n")
         folders.append(folder)
     return folders

@@ -30,8 +30,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from pbe_jax import storage
-from pbe_jax.batch import IMAGE_SUFFIXES
 from pbe_jax.data import photos, shards, sources
+from pbe_jax.images import IMAGE_SUFFIXES
 
 # Twice the 512² training crop: a crop of a part of an image keeps its detail, while most photos shrink
 # (faster decoding in training, smaller shards).

@@ -11,9 +11,9 @@ import posixpath
 import numpy as np
 
 from pbe_jax import images, storage
-from pbe_jax.batch import IMAGE_SUFFIXES
 from pbe_jax.data import photos
 from pbe_jax.data.photos import CorruptItem
+from pbe_jax.images import IMAGE_SUFFIXES
 from pbe_jax.storage import Path, PathLike
 
 # Where each supported TFDS dataset keeps its boxes: a BBoxFeature, normalised (ymin, xmin, ymax, xmax).

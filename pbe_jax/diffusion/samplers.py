@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pbe_jax.defaults import SAMPLERS  # the names, held once (the CLIs read them there without importing JAX)
 from pbe_jax.diffusion.schedule import NoiseSchedule
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t, t) -> ε; t is a scalar int32
-SAMPLERS = ("plms", "ddim", "dpmpp_2m", "unipc")
 HISTORY = 4  # network outputs kept (PLMS's fourth-order Adams–Bashforth needs four)
 
 

@@ -185,7 +185,7 @@ def real_images(folder: PathLike) -> list[Path]:
     folder = storage.path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder of real images (--fid-reference)")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in batch.IMAGE_SUFFIXES)
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in images.IMAGE_SUFFIXES)
     if len(paths) < 2:
         raise ValueError(f"{folder}: {len(paths)} images; FID statistics need at least 2")
     return paths
