@@ -7,8 +7,10 @@ by nearest neighbour; exemplar through the CLIP processor settings of the folder
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import threading
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -18,9 +20,10 @@ import numpy as np
 from flax import nnx
 
 from pbe_jax import images, memory, parallel, regions, storage
-from pbe_jax.convert import PaintByExampleModels, load
+from pbe_jax.convert.build import build_models
+from pbe_jax.convert.diffusers import PaintByExampleModels
+from pbe_jax.convert.source import ModelSource
 from pbe_jax.diffusion import NoiseSchedule, guided, make_tables, per_row, sample, start_noise
-from pbe_jax.models import Policy
 from pbe_jax.models.layers import store_kernels_in_compute_dtype
 
 
@@ -111,6 +114,37 @@ def stack(edits: Sequence[Edit]) -> Inputs:
                   np.stack([e.reference for e in edits]))
 
 
+class _Progress:
+    """Where the compiled program's per-step host callback reports: to the hook of the call that runs it. The
+    program, callback included, serves every call, so calls with a hook take turns; calls without one run the
+    program compiled without the callback and never wait (docs/sampling.md#the-compiled-program-and-progress)."""
+
+    def __init__(self):
+        self._turn = threading.Lock()
+        self._hook: Callable[[int], None] | None = None
+
+    def report(self, i, _) -> None:
+        """The host end of the sampler's callback: step i is done. Under a mesh a step may report once per
+        device: the hook sees its count."""
+        hook = self._hook
+        if hook is not None:
+            hook(int(i) + 1)
+
+    @contextlib.contextmanager
+    def reporting_to(self, hook: Callable[[int], None] | None):
+        """While the block runs (a call's program, until its output is on the host), reports go to `hook`
+        (steps done); None: no reports, no turn taken."""
+        if hook is None:
+            yield
+            return
+        with self._turn:
+            self._hook = hook
+            try:
+                yield
+            finally:
+                self._hook = None
+
+
 class PaintByExample:
     """The user-facing pipeline. `from_pretrained(dir)` loads a diffusers Paint-by-Example folder or this
     project's checkpoint; calling it edits a batch of images."""
@@ -126,21 +160,15 @@ class PaintByExample:
         self.vae_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
         self.mesh = mesh
         graphdef = self.set_weights(models)
-        self._on_step = None  # the running call's progress callback (`generate(on_step=…)`)
+        reports = self._progress = _Progress()
 
-        def generate(state, *args, progress: bool = False, **kwargs):
+        def edit(state, *args, progress: bool = False, **kwargs):
             with parallel.abstract_mesh(mesh):
-                return _generate(nnx.merge(graphdef, state), *args, on_step=self._step_done if progress else None,
-                                 **kwargs)
+                return _edit_program(nnx.merge(graphdef, state), *args,
+                                     on_step=reports.report if progress else None, **kwargs)
 
-        self._generate = jax.jit(generate, static_argnames=("condition", "sample_posterior", "draw_latents",
-                                                            "progress"))
-
-    def _step_done(self, i, _) -> None:
-        """The host end of the sampler's per-step callback (one compiled program serves every call: the target
-        is looked up when it fires). Under a mesh a step may report once per device: `on_step` sees its count."""
-        if self._on_step is not None:
-            self._on_step(int(i) + 1)
+        self._jitted_edit = jax.jit(edit, static_argnames=("condition", "sample_posterior", "draw_latents",
+                                                           "progress"))
 
     def set_weights(self, models: PaintByExampleModels) -> nnx.GraphDef:
         """Swap in networks of the same architecture (e.g. newer training weights) without recompiling;
@@ -155,18 +183,27 @@ class PaintByExample:
                         variant: str | None = None, mesh: jax.sharding.Mesh | None = None,
                         ema: bool = True, lora: str | os.PathLike | None = None,
                         lora_scale: float = 1.0) -> "PaintByExample":
-        """`path_or_repo`: a Paint-by-Example folder (diffusers layout or this project's checkpoint), a single file
-        in the original release's layout (`model.ckpt`, `.safetensors`; `ema`: its EMA weights when it has
-        them), or a Hub repository id. `dtype` is the compute dtype (default: bfloat16 on accelerators, float32
-        on CPU); parameters are float32, except the Linear and Conv kernels, kept in a half-precision compute
-        dtype (`store_kernels_in_compute_dtype`: the same results, half their memory). `attention`: "auto",
-        "xla" or "cudnn". `lora`: a UNet LoRA file in diffusers' layout (or a folder holding pytorch_lora_weights.safetensors), merged into the UNet's weights
-        at `lora_scale` times its alpha / rank; keys that are not UNet LoRA factors are reported (a warning). The
-        parts trained beside it, when its folder holds them (`lora.PARTS_FILE`), replace the base's."""
+        """The pipeline of a saved model.
+
+        Args:
+          path_or_repo: a Paint-by-Example folder (diffusers layout or this project's checkpoint), a single file in
+            the original release's layout (`model.ckpt`, `.safetensors`), or a Hub repository id.
+          dtype: the compute dtype (default: bfloat16 on accelerators, float32 on CPU). Parameters are float32,
+            except the Linear and Conv kernels, kept in a half-precision compute dtype
+            (`store_kernels_in_compute_dtype`: the same results, half their memory).
+          attention: "auto", "xla" or "cudnn".
+          variant: the weights' variant in a folder or Hub repository (e.g. "fp16").
+          mesh: the devices to split batches over (see `__init__`).
+          ema: a single file's EMA weights, when it has them.
+          lora: a UNet LoRA file in diffusers' layout (or a folder holding pytorch_lora_weights.safetensors),
+            merged into the UNet's weights; keys that are not UNet LoRA factors are reported (a warning). The
+            parts trained beside it, when its folder holds them (`lora.PARTS_FILE`), replace the base's.
+          lora_scale: the adapter is merged at `lora_scale` times its alpha / rank."""
         from pbe_jax import lora as lora_lib
 
-        policy = Policy(dtype=jnp.dtype(dtype or default_dtype(mesh)), attention_backend=attention)
-        models = load(resolve_pretrained(path_or_repo, variant=variant), policy=policy, variant=variant, ema=ema)
+        source = ModelSource.pretrained(resolve_pretrained(path_or_repo, variant=variant), ema=ema,
+                                        dtype=jnp.dtype(dtype or default_dtype(mesh)).name, attention=attention)
+        models = build_models(source, variant=variant)
         if lora is not None:
             adapter, cfg, other = lora_lib.load_peft(lora)
             if other:
@@ -242,28 +279,37 @@ class PaintByExample:
                  on_step: Callable[[int, int], None] | None = None) -> np.ndarray | list[np.ndarray]:
         """Edit: uint8 images at each source's own size and orientation, (B · num_images_per_reference, H, W, 3)
         (a list when the sources differ in size), the copies of one input consecutive; one source with K
-        references gives K edits of it. Output row r draws its noise from `seed` + r (or `seed[r]`).
+        references gives K edits of it. `padding_mask_crop`, `mask_blur` and `strength` are diffusers'
+        inpainting options, with their semantics (docs/sampling.md#photos-the-region-around-the-mask).
 
-        Where the model works (diffusers' inpainting options, with their semantics):
-        - `padding_mask_crop` (pixels): the box around the mask, this much larger on each side, grown to the
-          working aspect ratio (`regions.crop_region`), is edited at the working size and pasted back into the
-          photo through the mask (`regions.overlay`): outside the mask the result is the photo, bit for bit.
-        - Without it, the whole photo is the model's picture: resized into the working size with its aspect
-          ratio kept (the leftover bands filled from its edges), and the result resized back to the photo's
-          size; `keep_unmasked` pastes the photo back outside the mask (feathered at the edge inside it).
-        - `height`, `width`: the working size. By default it follows the crop's (or the photo's) aspect
-          ratio at about the model's native pixel count (`default_size`²), in multiples of `size_multiple`.
-        - `mask_blur`: the mask feathered by a Gaussian of this radius in photo pixels first
-          (`regions.blur`); the model sees it binarised at 0.5, the paste uses it as it is.
-        - `strength` in (0, 1]: start from the source's latents noised to the level of step
-          int(steps · strength) from the end, and run only those steps (`get_timesteps`, `prepare_latents`).
-
-        `latents`, if given, is the initial noise in diffusers' NCHW layout (B · n, 4, h/8, w/8), so that both
-        pipelines can start from the same point (with strength < 1, the noise added to the source's latents).
-        `sample_posterior=False` encodes with the posterior mean instead of a sample. `guidance_scale`: > 1
-        classifier-free guidance, (0, 1] the exemplar's condition alone, 0 the learned unconditional vector
-        alone (the reference is then ignored). `on_step(done, total)` is called on the host as the denoising
-        steps finish (a separate compiled program, with one host callback per step)."""
+        Args:
+          image, mask, reference: see `prepare` (the mask is white where the exemplar goes).
+          steps: denoising steps.
+          guidance_scale: > 1 classifier-free guidance, (0, 1] the exemplar's condition alone, 0 the learned
+            unconditional vector alone (the reference is then ignored).
+          seed: output row r draws its noise from `seed` + r (or `seed[r]`, a list of seeds).
+          latents: the initial noise in diffusers' NCHW layout (B · n, 4, h/8, w/8), so that both pipelines can
+            start from the same point (with strength < 1, the noise added to the source's latents).
+          sampler: "plms", "ddim", "dpmpp_2m" or "unipc" (docs/sampling.md#samplers-and-steps).
+          height, width: the working size. By default it follows the crop's (or the photo's) aspect ratio at
+            about the model's native pixel count (`default_size`²), in multiples of `size_multiple`.
+          num_images_per_reference: edits of each input (n), consecutive in the output.
+          eta: DDIM's η.
+          keep_unmasked: without `padding_mask_crop`, the photo pasted back outside the mask (feathered at the
+            edge inside it).
+          sample_posterior: False encodes with the posterior mean instead of a sample.
+          padding_mask_crop: pixels. The box around the mask, this much larger on each side, grown to the working
+            aspect ratio (`regions.crop_region`), is edited at the working size and pasted back into the photo
+            through the mask (`regions.overlay`): outside the mask the result is the photo, bit for bit.
+            Without it, the whole photo is the model's picture: resized into the working size with its aspect
+            ratio kept (the leftover bands filled from its edges), and the result resized back to the photo's
+            size.
+          mask_blur: the mask feathered by a Gaussian of this radius in photo pixels first (`regions.blur`); the
+            model sees it binarised at 0.5, the paste uses it as it is.
+          strength: in (0, 1]: start from the source's latents noised to the level of step int(steps · strength)
+            from the end, and run only those steps (`get_timesteps`, `prepare_latents`).
+          on_step: `on_step(done, total)` is called on the host as the denoising steps finish (a separate
+            compiled program, with one host callback per step), for this call only."""
         edits = self.prepare(image, mask, reference, height=height, width=width,
                              padding_mask_crop=padding_mask_crop, mask_blur=mask_blur)
         n = num_images_per_reference
@@ -292,9 +338,18 @@ class PaintByExample:
                  latents: np.ndarray | None = None, sampler: str = "plms", num_images_per_reference: int = 1,
                  eta: float = 0.0, sample_posterior: bool = True, strength: float = 1.0,
                  on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """`__call__` on preprocessed inputs, at the working size (pasting back is `Edit.back`'s). Every output
-        row draws its noise from its own key: row r from `seed` + r (or from `seed[r]` when a list is given), so
-        an image's edit does not depend on the batch it is in, the device count, or padding."""
+        """`__call__` on preprocessed inputs, at the working size (pasting back is `Edit.back`'s): uint8
+        (B · num_images_per_reference, h, w, 3).
+
+        Args:
+          x: the working-size arrays (`preprocess`, `stack`).
+          seed: every output row draws its noise from its own key: row r from `seed` + r (or from `seed[r]` when
+            a list is given), so an image's edit does not depend on the batch it is in, the device count, or
+            padding.
+          on_step: `on_step(done, total)` on the host as the steps finish, for this call only: calls with a hook
+            take turns on the program (docs/sampling.md#the-compiled-program-and-progress).
+          steps, guidance_scale, latents, sampler, num_images_per_reference, eta, sample_posterior, strength: as
+            in `__call__`."""
         n = num_images_per_reference
         if n < 1:
             raise ValueError(f"num_images_per_reference must be ≥ 1, not {n}")
@@ -322,25 +377,27 @@ class PaintByExample:
         tables = make_tables(self.schedule, sampler, steps, eta, strength)
         start = start_noise(self.schedule, sampler, steps, strength) if strength != 1.0 else None
         total = len(tables.timestep)
-        self._on_step = None if on_step is None else (lambda done: on_step(done, total))
-        try:
-            out = self._run(self._generate, batch, tables, guidance_scale, jnp.float32(guidance_scale),
-                            sample_posterior=sample_posterior, draw_latents=latents is None,
-                            progress=on_step is not None, start=start)
-            out = np.asarray(out)[:rows]
-        finally:
-            self._on_step = None
-        return out
+        hook = None if on_step is None else (lambda done: on_step(done, total))
+        with self._progress.reporting_to(hook):
+            out = self._run(batch, tables, guidance_scale, sample_posterior=sample_posterior,
+                            draw_latents=latents is None, progress=hook is not None, start=start)
+            return np.asarray(out)[:rows]
 
-
-    def _run(self, fn, batch, tables, guidance_scale: float, scale, *, sample_posterior: bool, draw_latents: bool,
-             progress: bool = False, start: tuple[float, float] | None = None):
-        """The jitted generation (`fn`: it, or its `.lower`) on a placed batch (image, keep, reference, latents,
-        seeds), with `scale` the traced value of `guidance_scale`; `start`: (a, s) of a run from the source
-        noised to a · x₀ + s · ε (strength < 1), None from noise."""
-        return fn(self._state, *batch, tables, scale, None if start is None else jnp.float32(start),
-                  condition=_condition(guidance_scale), sample_posterior=sample_posterior,
-                  draw_latents=draw_latents, progress=progress)
+    def _run(self, batch, tables, guidance_scale: float, *, sample_posterior: bool, draw_latents: bool,
+             progress: bool = False, start: tuple[float, float] | None = None, lower: bool = False):
+        """The jitted edit on a placed batch (image, keep, reference, latents, seeds): run, or with `lower`
+        lowered, the batch given as shapes and the other traced arguments turned into shapes here (replicated
+        over the mesh). `guidance_scale` chooses the condition (static, `_condition`) and is the traced scale;
+        `start`: (a, s) of a run from the source noised to a · x₀ + s · ε (strength < 1), None from noise."""
+        traced = (tables, np.float32(guidance_scale), None if start is None else np.float32(start))
+        fn = self._jitted_edit
+        if lower:
+            traced = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), traced)
+            if self.mesh is not None:
+                traced = parallel.replicate(traced, self.mesh)
+            fn = fn.lower
+        return fn(self._state, *batch, *traced, condition=_condition(guidance_scale),
+                  sample_posterior=sample_posterior, draw_latents=draw_latents, progress=progress)
 
     def lower(self, batch_size: int, height: int, width: int, *, steps: int = 50, sampler: str = "plms",
               guidance_scale: float = 5.0, eta: float = 0.0, sample_posterior: bool = True) -> jax.stages.Lowered:
@@ -354,14 +411,10 @@ class PaintByExample:
         shapes = ((height, width, 3), (height, width, 1), (r, r, 3), (height // f, width // f, c))
         batch = tuple(jax.ShapeDtypeStruct((rows, *s), jnp.float32) for s in shapes)
         batch += (jax.ShapeDtypeStruct((rows,), jnp.uint32),)
-        tables = make_tables(self.schedule, sampler, steps, eta)
-        scale = jax.ShapeDtypeStruct((), jnp.float32)
         if self.mesh is not None:
             batch = parallel.shard_batch(batch, self.mesh)
-            tables, scale = parallel.replicate((jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
-                                                             tables), scale), self.mesh)
-        return self._run(self._generate.lower, batch, tables, guidance_scale, scale,
-                         sample_posterior=sample_posterior, draw_latents=True)
+        return self._run(batch, make_tables(self.schedule, sampler, steps, eta), guidance_scale,
+                         sample_posterior=sample_posterior, draw_latents=True, lower=True)
 
 
 def _condition(guidance_scale: float) -> str:
@@ -373,8 +426,8 @@ def _condition(guidance_scale: float) -> str:
     return "guided" if guidance_scale > 1.0 else "uncond" if guidance_scale == 0 else "cond"
 
 
-def _generate(nets, image, keep, reference, z, seeds, tables, scale, start, *, condition: str,
-              sample_posterior: bool, draw_latents: bool, on_step=None):
+def _edit_program(nets, image, keep, reference, z, seeds, tables, scale, start, *, condition: str,
+                  sample_posterior: bool, draw_latents: bool, on_step=None):
     """Everything after host preprocessing, traced once per shape: per-row keys, condition, masked-image
     latents, the start (noise, or the source noised: `start` = (a, s)), the sampler loop, decoding, uint8."""
     unet, vae, encoder = nets
@@ -390,8 +443,7 @@ def _generate(nets, image, keep, reference, z, seeds, tables, scale, start, *, c
         if not sample_posterior:
             return vae.scale(posterior.mode()).astype(jnp.float32)
         noise = jax.vmap(lambda k: jax.random.normal(k, posterior.mean.shape[1:], jnp.float32))(posterior_keys)
-        return vae.scale(posterior.mean + jnp.exp(0.5 * posterior.logvar) * noise.astype(posterior.mean.dtype)
-                         ).astype(jnp.float32)
+        return vae.scale(posterior.sample_with(noise)).astype(jnp.float32)
 
     masked = latents_of(image * keep, keys[:, 1])
     if start is not None:  # strength < 1: the whole source's latents, noised (the inpaint pipelines' start)

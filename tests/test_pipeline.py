@@ -1,9 +1,12 @@
 """The JAX pipeline against diffusers' PaintByExamplePipeline, from the same initial latents."""
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from pbe_jax import images, reference
+from pbe_jax import images
+from pbe_jax.parity import reference
 from pbe_jax.pipeline import PaintByExample
 
 
@@ -68,16 +71,28 @@ def test_seed_changes_the_edit_and_is_reproducible(pipes):
 
 def test_progress_per_step_changes_nothing(pipes):
     """`on_step(done, total)` reports every denoising step once, in order (PLMS's warm-up makes one row more than
-    its steps), from a program that computes the same edit bit for bit; afterwards the pipeline reports to no
-    one. (The inputs of test_seed_changes_the_edit_and_is_reproducible: its program is reused.)"""
+    its steps), from a program that computes the same edit bit for bit. The hook is the call's: calls from
+    several threads at once (the web app's workers) each hear their own steps only, from the one program
+    compiled for every call with a hook; a call without one runs a program without the callback. (The inputs of
+    test_seed_changes_the_edit_and_is_reproducible: its program is reused.)"""
     ours, _ = pipes("sd")
     img, masks, refs = inputs(1, 32, 32)
+    run = lambda **kw: ours(img, masks, refs, steps=3, seed=0, height=32, width=32, **kw)  # noqa: E731
     seen = []
-    with_progress = ours(img, masks, refs, steps=3, seed=0, height=32, width=32,
-                         on_step=lambda done, n: seen.append((done, n)))
+    with_progress = run(on_step=lambda done, n: seen.append((done, n)))
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    np.testing.assert_array_equal(with_progress, ours(img, masks, refs, steps=3, seed=0, height=32, width=32))
-    assert ours._on_step is None
+    plain = run()
+    np.testing.assert_array_equal(with_progress, plain)
+    programs = ours._jitted_edit._cache_size()
+    heard = {"a": [], "b": [], "c": []}
+    with ThreadPoolExecutor(4) as pool:
+        calls = [pool.submit(run, on_step=lambda done, n, k=k: heard[k].append(done)) for k in heard]
+        calls.append(pool.submit(run))
+        for call in calls:
+            np.testing.assert_array_equal(call.result(), plain)
+    assert heard == {k: [1, 2, 3, 4] for k in heard}
+    assert ours._jitted_edit._cache_size() == programs  # a new hook, no new program
+    assert "callback" not in ours.lower(1, 32, 32, steps=3).as_text()  # what a call without a hook runs
 
 
 def test_scale_zero_ignores_the_exemplar(pipes):

@@ -28,27 +28,14 @@ def augment_reference(key: jax.Array, reference: jax.Array, *, size: int = 224, 
                       mean: tuple = OPENAI_CLIP_MEAN, std: tuple = OPENAI_CLIP_STD) -> jax.Array:
     """One reference image (H, W, 3), uint8 or float with values 0..255, to the CLIP encoder's float32
     (size, size, 3) input: bilinear resize (the identity at the same size), then with their probabilities
-    a horizontal flip, a rotation by an angle uniform in ±`max_rotation` degrees about the centre
-    (counter-clockwise when positive), a box blur and an elastic deformation; then clip to 0..255, scale
-    to 0..1 and normalise with `mean`/`std`.
-
-    `p_rotate` is 0.5 because the released code's `A.Rotate(limit=20)` keeps albumentations' default p.
-    Borders are reflected without repeating the edge pixel (OpenCV's BORDER_REFLECT_101, albumentations'
-    default), so rotated and deformed images have no black corners.
-
-    The elastic field is Simard's: per-pixel displacements uniform in [-1, 1], smoothed by a Gaussian of
-    `elastic_sigma`, times `elastic_alpha`. Both are given for a 224 image and scaled with `size` (σ with
-    the side, α with its square, since smoothing white noise divides its amplitude by σ), so a deformation
-    looks alike at any size. α = 1000 with σ = 50 moves pixels by about 2 % of the side (RMS; rarely more
-    than 10 %): a visible, smooth bend. The released code's ElasticTransform(alpha=1, sigma=50) moves pixels
-    by about 0.005 px; what changed its images was the random affine that albumentations before 1.4 added
-    (alpha_affine=50), which this function does not reproduce.
-
-    The box blur runs before the geometric transforms, and flip, rotation and deformation are composed into
-    one sampling grid, so the image is interpolated once rather than three times (each bilinear pass
-    softens it). The blur's kernel is symmetric and shift-invariant, so it commutes with the flip exactly
-    and with the smooth warps up to the tilt of a square kernel by at most 20°. With every probability 0
-    the grid is the pixel grid itself and the output is exactly the plain resize + normalisation."""
+    a box blur (a k×k mean, k uniform in {3, 5, 7}), a horizontal flip, a rotation by an angle uniform in
+    ±`max_rotation` degrees about the centre (counter-clockwise when positive) and an elastic deformation
+    (per-pixel displacements uniform in [-1, 1], smoothed by a Gaussian of `elastic_sigma`, times
+    `elastic_alpha`; both given for a 224 image and scaled with `size`); then clip to 0..255, scale to 0..1
+    and normalise with `mean`/`std`. Flip, rotation and deformation are one sampling grid, so the resized image
+    is resampled once, with reflected borders (reflect-101: no black corners). With every probability 0 the
+    output is exactly the plain resize + normalisation. The defaults against the released code's
+    albumentations, and why: docs/data.md#the-references-augmentation."""
     k_flip, k_rotate, k_angle, k_blur, k_kernel, k_elastic, k_field = jax.random.split(key, 7)
     x = jax.image.resize(jnp.asarray(reference, jnp.float32), (size, size, 3), "bilinear")
 

@@ -135,9 +135,8 @@ class PairIterator:
 
 
 def _parse_absl_flags() -> None:
-    """grain 0.2.18 reads an absl flag when it starts workers, and with jaxlib >= 0.11 loaded that raises
-    UnparsedFlagAccessError unless the program parsed absl flags; a program that does not use absl gets the
-    flags' defaults, as an absl program without arguments would."""
+    """Marks absl's flags parsed (at their defaults) unless the program parsed them: grain reads one when it
+    starts workers (docs/data.md#grains-worker-processes)."""
     from absl import flags
 
     if not flags.FLAGS.is_parsed():
@@ -145,8 +144,8 @@ def _parse_absl_flags() -> None:
 
 
 def _ignore_sigterm(worker_index: int, worker_count: int) -> None:
-    """In grain's workers: a preemption's SIGTERM, which reaches every process of the host, must not kill them
-    while the main process finishes its step and checkpoints; it stops them itself when it closes the loader."""
+    """In grain's workers: SIGTERM ignored; the main process stops them when it closes the loader
+    (docs/data.md#grains-worker-processes)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 

@@ -66,8 +66,12 @@ class DiagonalGaussian(NamedTuple):
         return cls(mean, jnp.clip(logvar, -30.0, 20.0))
 
     def sample(self, key: jax.Array) -> jax.Array:
-        noise = jax.random.normal(key, self.mean.shape, jnp.float32).astype(self.mean.dtype)
-        return self.mean + jnp.exp(0.5 * self.logvar) * noise
+        """A sample, its noise drawn from `key` (float32)."""
+        return self.sample_with(jax.random.normal(key, self.mean.shape, jnp.float32))
+
+    def sample_with(self, noise: jax.Array) -> jax.Array:
+        """The sample for standard-normal `noise` of the mean's shape: mean + std · noise, in the mean's dtype."""
+        return self.mean + jnp.exp(0.5 * self.logvar) * noise.astype(self.mean.dtype)
 
     def mode(self) -> jax.Array:
         return self.mean

@@ -76,8 +76,7 @@ def draw(nets, batch: dict, key: jax.Array, schedule: NoiseSchedule, cfg: StepCo
 
 def _latent(vae, x: jax.Array, noise: jax.Array) -> jax.Array:
     """The scaled posterior sample, mean + std · noise (the original's `get_first_stage_encoding`)."""
-    posterior = vae.encode(x)
-    z = posterior.mean + jnp.exp(0.5 * posterior.logvar) * noise.astype(posterior.mean.dtype)
+    z = vae.encode(x).sample_with(noise)
     return jax.lax.stop_gradient(vae.scale(z).astype(jnp.float32))
 
 
