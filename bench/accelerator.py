@@ -456,7 +456,7 @@ def _sample_args(ctx, tmp: str) -> SimpleNamespace:
                         size=32 if ctx.dry else ctx.size,
                         samplers=[(FAST_SAMPLER[0], 2 if ctx.smoke else FAST_SAMPLER[1])])
     if ctx.dry:
-        from pbe_jax import reference
+        from pbe_jax.parity import reference
 
         a.folder = str(reference.save_tiny(tmp, "sd"))
     return a
@@ -474,12 +474,12 @@ def _train_section(ctx, batch: int, remat: bool, *extra: str) -> None:
     import jax
 
     import train_throughput
-    from pbe_jax.train.loop import build_models
+    from pbe_jax.train.trainer import models_of
 
     cfg = _config(ctx, batch, remat, *extra)
     emit(device=jax.devices()[0].device_kind, batch=batch, remat=remat, frozen_dtype=cfg.model.frozen_dtype,
          size=cfg.data.image_size)
-    emit(step=train_throughput.jax_step(cfg, build_models(cfg) if ctx.dry else train_throughput.full_size_models(),
+    emit(step=train_throughput.jax_step(cfg, models_of(cfg) if ctx.dry else train_throughput.full_size_models(),
                                         ctx.reps))
 
 
@@ -508,12 +508,12 @@ def section_unet_only(ctx) -> None:
     import jax
 
     import train_throughput
-    from pbe_jax.train.loop import build_models
+    from pbe_jax.train.trainer import models_of
 
     b = _pick(ctx, 16, 2)
     cfg = _config(ctx, b, False)
     emit(device=jax.devices()[0].device_kind, batch=b)
-    unet = build_models(cfg).unet if ctx.dry else train_throughput.full_size_models(("unet",)).unet
+    unet = models_of(cfg).unet if ctx.dry else train_throughput.full_size_models(("unet",)).unet
     emit(step=train_throughput.unet_only(unet, cfg, b, ctx.reps))
 
 
@@ -536,8 +536,8 @@ def _parity(ctx, dtype: str) -> None:
     import jax
     import jax.numpy as jnp
 
-    from pbe_jax import compare, reference
     from pbe_jax.models import Policy
+    from pbe_jax.parity import compare, reference
 
     if dtype == "float32":
         jax.config.update("jax_default_matmul_precision", "highest")
@@ -571,12 +571,12 @@ def section_profile(ctx) -> None:
     from pbe_jax.diffusion import guided, per_row
     from pbe_jax.models import Policy
     from pbe_jax.pipeline import default_dtype
-    from pbe_jax.train.loop import build_models
+    from pbe_jax.train.trainer import models_of
 
     b = _pick(ctx, 16, 2)
     if ctx.dry:
         cfg = _config(ctx, b, False)
-        unet = build_models(cfg).unet
+        unet = models_of(cfg).unet
         lat = cfg.data.image_size // 4
     else:
         from sample_throughput import random_jax_models

@@ -3,6 +3,7 @@ memory analysis of the step at several batch sizes.
 
     python bench/full_size_cpu.py step [--size 256] [--lora RANK]           # ≈ 18 GB of host memory, minutes
     python bench/full_size_cpu.py memory [--batches 1,16,32] [--remat both] [--size 512] [--lora RANK]
+    python bench/full_size_cpu.py build [--fsdp 8]                          # ≈ 17 GB of host memory, 2 min
 
 `step`: SD-1.4 shapes (UNet 859.5 M, VAE, CLIP ViT-L/14 + bottleneck; random weights drawn with numpy),
 batch 1, remat, bf16 frozen towers, bf16 compute — the 24 GB-card setting — runs the real `train_step`
@@ -16,6 +17,10 @@ gradient, and AdamW's decay keeps a zero at zero) while every other factor chang
 backend; prints `compiled.memory_analysis()` per (batch, remat) — arguments, temporaries, outputs not
 aliased to donated inputs — an estimate of what the step needs on a device. Compiled for the CPU, XLA's
 buffer assignment and fusion differ from a GPU's, so treat the numbers as estimates, not measurements.
+`build`: the peak host memory of building the SD-1.4 trainer (configs/sd14.py: bf16 frozen towers, no EMA;
+random weights) on 8 fake CPU devices with mesh_fsdp=8: the weights as loaded, then the train state on the
+mesh. With fake devices every shard lives in this one process, so the state's shards add up to the whole
+state; what the figure shows is what building it costs beyond the loaded weights and the shards.
 Each prints one JSON line per result.
 """
 from __future__ import annotations
@@ -84,7 +89,7 @@ def step(args) -> dict:
 
     import train_throughput
     from pbe_jax import parallel
-    from pbe_jax.train.loop import abstract_trainer, batch_spec, build_trainer
+    from pbe_jax.train.trainer import abstract_trainer, batch_spec, build_trainer
 
     release_freed_memory()
     say = lambda what: print(f"{what}: host memory {peak_rss_gib():.2f} GiB peak", file=sys.stderr, flush=True)  # noqa: E731
@@ -138,7 +143,7 @@ def memory(args) -> list[dict]:
 
     import train_throughput
     from pbe_jax import parallel
-    from pbe_jax.train.loop import abstract_trainer, batch_spec
+    from pbe_jax.train.trainer import abstract_trainer, batch_spec
 
     rows = []
     for remat in {"off": [False], "on": [True], "both": [False, True]}[args.remat]:
@@ -160,6 +165,46 @@ def memory(args) -> list[dict]:
     return rows
 
 
+def current_rss_gib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 2**20
+
+
+def build(args) -> dict:
+    """Peak host memory of `build_trainer` for SD-1.4 with mesh_fsdp=args.fsdp on as many fake CPU devices."""
+    import jax
+
+    import train_throughput
+    from pbe_jax import parallel
+    try:
+        from pbe_jax.train.trainer import build_trainer
+    except ImportError:  # the code before the trainer had its own module (the "before" figure)
+        from pbe_jax.train.loop import build_trainer
+
+    release_freed_memory()
+    cfg = train_throughput.step_config("sd14", args.fsdp, False, f"mesh_fsdp={args.fsdp}", "mesh_data=1")
+    mesh = parallel.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
+    base = current_rss_gib()
+    t0 = time.perf_counter()
+    models = train_throughput.full_size_models()
+    weights = sum(x.nbytes for x in jax.tree.leaves(models.components()))
+    loaded = peak_rss_gib()
+    trainer = build_trainer(cfg, models=models, mesh=mesh)
+    jax.block_until_ready(trainer.state)
+    build_s = time.perf_counter() - t0
+    leaves = jax.tree.leaves(trainer.state)
+    state = sum(x.nbytes for x in leaves)
+    per_device = max(sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == d)
+                     for d in mesh.devices.flat)
+    del models
+    return {"what": f"peak host memory building the SD-1.4 trainer, mesh_fsdp={args.fsdp} on fake CPU devices",
+            "devices": len(jax.devices()), "mesh": dict(mesh.shape), "frozen_dtype": cfg.model.frozen_dtype,
+            "ema": cfg.ema_decay > 0, "rss_at_start_GiB": round(base, 2), "weights_GiB": round(weights / 2**30, 2),
+            "peak_after_loading_GiB": round(loaded, 2), "state_GiB": round(state / 2**30, 2),
+            "state_per_device_GiB": round(per_device / 2**30, 2), "peak_host_GiB": round(peak_rss_gib(), 2),
+            "rss_after_GiB": round(current_rss_gib(), 2), "build_s": round(build_s, 1)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -169,10 +214,20 @@ def main(argv=None) -> int:
     m.add_argument("--batches", default="1,16,32")
     m.add_argument("--remat", choices=["off", "on", "both"], default="both")
     m.add_argument("--size", type=int, default=512, help="image side (default 512)")
+    b = sub.add_parser("build", help="peak host memory of building the SD-1.4 trainer on fake CPU devices")
+    b.add_argument("--fsdp", type=int, default=8, help="mesh_fsdp, and the number of fake CPU devices (default 8)")
     for sub_parser in (s, m):
         sub_parser.add_argument("--lora", type=int, default=0, metavar="RANK",
                                 help="the LoRA step at this rank (default 0: full fine-tuning)")
     args = p.parse_args(argv)
+    if args.command == "build":
+        import os
+
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.fsdp}")
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        print(json.dumps(build(args)), flush=True)
+        return 0
     if args.command == "step":
         result = step(args)
         print(json.dumps(result), flush=True)

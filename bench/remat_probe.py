@@ -50,7 +50,7 @@ def step_config(b: int, remat: bool, size: int, extra=()):
 def memory(args) -> None:
     devs = devices(args.target)
     from pbe_jax import parallel
-    from pbe_jax.train.loop import abstract_trainer, batch_spec
+    from pbe_jax.train.trainer import abstract_trainer, batch_spec
 
     for b in (int(v) for v in args.batches.split(",")):
         for remat in {"off": [False], "on": [True], "both": [False, True]}[args.remat]:
@@ -79,7 +79,7 @@ def check(args) -> int:
     import numpy as np
 
     from pbe_jax.train import config as config_lib
-    from pbe_jax.train.loop import build_trainer
+    from pbe_jax.train.trainer import build_trainer
     from pbe_jax.train.step import StepConfig, loss_fn
 
     results = {}

@@ -56,7 +56,7 @@ def timed(fn, state, args, reps):
 def run_jax(args) -> dict:
     import jax
 
-    from pbe_jax.train.loop import build_models
+    from pbe_jax.train.trainer import models_of
 
     dev = jax.devices()[0]
     out = {"device": dev.device_kind, "peak_tflops": peak_tflops(dev)}
@@ -66,12 +66,12 @@ def run_jax(args) -> dict:
             cfg = step_config(args.config, b, remat)
             key = f"bs{b}_remat{int(remat)}"
             try:
-                out[key] = jax_step(cfg, full or build_models(cfg), args.reps)
+                out[key] = jax_step(cfg, full or models_of(cfg), args.reps)
             except Exception as e:  # out of memory at a size is a result, not a crash
                 out[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             print(json.dumps({"jax": {key: out[key]}}), file=sys.stderr, flush=True)
             if not remat and isinstance(out[key], dict):  # the UNet-only step where the whole step ran
-                out[f"unet_only_bs{b}"] = unet_only((full or build_models(cfg)).unet, cfg, b, args.reps)
+                out[f"unet_only_bs{b}"] = unet_only((full or models_of(cfg)).unet, cfg, b, args.reps)
     return out
 
 
@@ -111,7 +111,7 @@ def jax_step(cfg, models, reps: int) -> dict:
     import jax
 
     from pbe_jax import parallel
-    from pbe_jax.train.loop import build_trainer
+    from pbe_jax.train.trainer import build_trainer
 
     dev = jax.devices()[0]
     with jax.default_device(jax.devices("cpu")[0]):  # state made on the host, then placed on `dev`
@@ -186,7 +186,7 @@ def run_torch(args, emit=None) -> dict:
     is measured."""
     import torch
 
-    from pbe_jax import reference
+    from pbe_jax.parity import reference
 
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
@@ -289,9 +289,9 @@ def _tiny_torch_folder(tmp: str) -> Path:
     """The tiny config's networks as a diffusers folder, so PyTorch steps the same architecture."""
     from pbe_jax import convert
     from pbe_jax.train import config as config_lib
-    from pbe_jax.train.loop import build_models
+    from pbe_jax.train.trainer import models_of
 
-    return convert.save(build_models(config_lib.load("tiny")), Path(tmp) / "tiny", format="diffusers")
+    return convert.save(models_of(config_lib.load("tiny")), Path(tmp) / "tiny", format="diffusers")
 
 
 if __name__ == "__main__":

@@ -80,15 +80,20 @@ def global_batch(local: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
 
 
-def place(tree: Any, shardings: Any) -> Any:
-    """Arrays every process holds whole (host or local device) as global arrays with `shardings`. With several
+def place(tree: Any, shardings: Any, dtype: Any = None) -> Any:
+    """Arrays every process holds whole (host or local device) as global arrays with `shardings`, cast to
+    `dtype` first if given (on the host, one array at a time: only one whole copy exists at once). With several
     processes each fills only its own shards from its copy: `jax.device_put` would instead check the copies
     equal across processes and compile a resharding per array, a collective and a compile per parameter."""
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 and dtype is None:
         return jax.device_put(tree, shardings)
 
     def put(x, sharding):
         host = np.asarray(jax.device_get(x))
+        if dtype is not None:
+            host = host.astype(dtype, copy=False)
+        if jax.process_count() == 1:
+            return jax.device_put(host, sharding)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree.map(put, tree, shardings)

@@ -12,11 +12,11 @@ import pytest
 import safetensors.numpy
 import torch
 
-from pbe_jax import reference
 from pbe_jax.convert import WeightsError, convert, ldm, load, mapping, single_file
 from pbe_jax.convert.__main__ import main as convert_main
 from pbe_jax.convert.ldm_file import CONFIGS_KEY, load_sd_v1, load_single_file, save_ldm, schedule_buffers
 from pbe_jax.diffusion import NoiseSchedule
+from pbe_jax.parity import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 BUFFERS = set(schedule_buffers(NoiseSchedule()))
@@ -163,7 +163,7 @@ def test_sd_v1_files_initialise_training_and_configs_come_from_shapes(tiny_folde
 
     from pbe_jax.convert.init import from_stable_diffusion
     from pbe_jax.train import config as train_config
-    from pbe_jax.train.loop import build_models
+    from pbe_jax.train.trainer import models_of
 
     models = load(tiny_folder("sd"))
     unet_state = mapping.to_torch(models.unet)
@@ -190,10 +190,10 @@ def test_sd_v1_files_initialise_training_and_configs_come_from_shapes(tiny_folde
                        types.SimpleNamespace(unet=got.vae, vae=got.vae, image_encoder=got.vae))
     cfg = train_config.from_dict({"model": {"init": "sd", "sd_file": str(tmp_path / "sd-v1.safetensors"),
                                             "clip_folder": str(tmp_path / "clip"), "dtype": "float32"}})
-    assert np.array_equal(np.asarray(build_models(cfg).unet.conv_in.kernel[...]), kernel)
+    assert np.array_equal(np.asarray(models_of(cfg).unet.conv_in.kernel[...]), kernel)
     both = train_config.from_dict({"model": {"init": "sd", "sd_file": "x.ckpt", "sd_folder": "y"}})
     with pytest.raises(ValueError, match="not both"):
-        build_models(both)
+        models_of(both)
 
     # Configs from the shapes alone (a file without this project's metadata), SD v1's defaults for the rest.
     derived = ldm.unet_config_from_ldm(sd)

@@ -54,7 +54,7 @@ def test_targets_and_a_fresh_adapter_computes_the_base_exactly(tiny):
 def test_the_peft_file_in_diffusers_equals_our_merged_export_and_our_unet(tiny, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from pbe_jax import compare as cmp
+    from pbe_jax.parity import compare as cmp
 
     folder, _ = tiny
     models = load(folder)
@@ -197,7 +197,8 @@ def test_lora_training_starts_at_the_base_moves_only_the_adapter_and_exports_bot
     from pbe_jax import parallel
     from pbe_jax.pipeline import PaintByExample
     from pbe_jax.train import config as config_lib
-    from pbe_jax.train.loop import build_models, build_trainer, make_loader
+    from pbe_jax.train.loop import make_loader
+    from pbe_jax.train.trainer import build_trainer, models_of
     from pbe_jax.train.step import StepConfig, loss_fn
     from pbe_jax.diffusion import NoiseSchedule
 
@@ -207,7 +208,7 @@ def test_lora_training_starts_at_the_base_moves_only_the_adapter_and_exports_bot
     cfg = config_lib.override(base_cfg, ["model.lora.rank=4", "model.lora.alpha=8",
                                          "model.lora.targets=['attention','ff']", "model.lora.train=['bottleneck']"])
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
-    models = build_models(base_cfg)
+    models = models_of(base_cfg)
     trainer = build_trainer(cfg, models=models, mesh=mesh)
     names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainer.state.params)}
     adapter_names = {n for n in names if n.startswith("lora.factors.")}
@@ -215,7 +216,7 @@ def test_lora_training_starts_at_the_base_moves_only_the_adapter_and_exports_bot
     assert names - adapter_names == {n for n in names if n.startswith(lora.PARTS["bottleneck"])}  # and the bottleneck
     frozen = {".".join(map(str, p)).split(".")[0] for p, _ in nnx.to_flat_state(trainer.state.frozen)}
     assert frozen == {"unet", "vae", "image_encoder"}  # the rest of the base model
-    small = build_trainer(config_lib.override(cfg, ["model.frozen_dtype=bfloat16"]), models=build_models(base_cfg),
+    small = build_trainer(config_lib.override(cfg, ["model.frozen_dtype=bfloat16"]), models=models_of(base_cfg),
                           mesh=mesh)
     assert {x.dtype for x in jax.tree.leaves(small.state.frozen)} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(small.state.params)} == {jnp.dtype(jnp.float32)}
@@ -267,7 +268,8 @@ def test_a_lora_step_with_remat_computes_the_step_without_it():
 
     from pbe_jax import parallel
     from pbe_jax.train import config as config_lib
-    from pbe_jax.train.loop import build_models, build_trainer, make_loader
+    from pbe_jax.train.loop import make_loader
+    from pbe_jax.train.trainer import build_trainer, models_of
 
     micro = ["data.size=64", "data.image_size=32", "data.batch_size=2", "optim.warmup_steps=1", "optim.lr=1e-2",
              "model.dtype=float32", "model.lora.rank=2", "ema_decay=0"]
@@ -277,7 +279,7 @@ def test_a_lora_step_with_remat_computes_the_step_without_it():
         batch = jax.tree.map(jnp.asarray, next(loader))
     out = {}
     for remat in (False, True):
-        trainer = build_trainer(config_lib.override(cfg, [f"model.remat={remat}"]), models=build_models(cfg), mesh=mesh)
+        trainer = build_trainer(config_lib.override(cfg, [f"model.remat={remat}"]), models=models_of(cfg), mesh=mesh)
         state, metrics = trainer.step_fn(trainer.state, batch)
         out[remat] = float(metrics["loss"]), dict(nnx.to_flat_state(jax.tree.map(np.asarray, state.params)))
     assert out[True][0] == pytest.approx(out[False][0], rel=1e-6)

@@ -80,9 +80,9 @@ def test_init_from_stable_diffusion(tmp_path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPConfig, CLIPModel
 
-    from pbe_jax import reference
     from pbe_jax.convert import mapping
     from pbe_jax.convert.init import from_stable_diffusion
+    from pbe_jax.parity import reference
 
     torch.manual_seed(0)
     unet_cfg = {**reference.TINY["sd"]["unet"], "in_channels": 4}
@@ -109,7 +109,8 @@ def test_init_from_stable_diffusion(tmp_path):
 
 
 def test_step_updates_only_trainable_parts_and_learns():
-    from pbe_jax.train.loop import build_trainer, make_loader
+    from pbe_jax.train.loop import make_loader
+    from pbe_jax.train.trainer import build_trainer
     from pbe_jax.train.step import StepConfig, loss_fn
 
     cfg = micro_config("ema_decay=0.9", "cond_drop=0.0")
@@ -144,7 +145,8 @@ def test_step_updates_only_trainable_parts_and_learns():
 def test_step_compiled_from_shapes_alone_runs_on_the_real_state():
     """abstract_trainer: the real step lowered from shapes (how bench/full_size_cpu.py compiles SD-1.4 size
     without weights) accepts the state build_trainer makes, and its memory analysis counts exactly it."""
-    from pbe_jax.train.loop import abstract_trainer, batch_spec, build_trainer, make_loader
+    from pbe_jax.train.loop import make_loader
+    from pbe_jax.train.trainer import abstract_trainer, batch_spec, build_trainer
 
     cfg = micro_config("model.remat=True", "model.frozen_dtype=bfloat16")
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
@@ -168,12 +170,13 @@ def test_step_compiled_from_shapes_alone_runs_on_the_real_state():
 
 def test_condition_dropout():
     from pbe_jax.diffusion import NoiseSchedule
-    from pbe_jax.train.loop import build_models, make_loader
+    from pbe_jax.train.loop import make_loader
+    from pbe_jax.train.trainer import models_of
     from pbe_jax.train.state import Nets
     from pbe_jax.train.step import StepConfig, prepare
 
     cfg = micro_config()
-    nets = Nets(build_models(cfg))
+    nets = Nets(models_of(cfg))
     batch = jax.tree.map(jnp.asarray, next(make_loader(cfg, seed=0)))
     uncond = np.asarray(nets.image_encoder.uncond(4))
     for p, group in ((1.0, 1), (1.0, 4), (0.0, 1)):
@@ -196,12 +199,13 @@ def test_ablation_switches_turn_the_augmentations_off():
     resized reference's. Both then stop depending on the step's key; with them on, they do depend on it."""
     from pbe_jax.data.augment import NO_AUGMENTATION, augment_references
     from pbe_jax.diffusion import NoiseSchedule
-    from pbe_jax.train.loop import build_models, make_loader
+    from pbe_jax.train.loop import make_loader
+    from pbe_jax.train.trainer import models_of
     from pbe_jax.train.state import Nets
     from pbe_jax.train.step import StepConfig, prepare
 
     cfg = micro_config()
-    nets = Nets(build_models(cfg))
+    nets = Nets(models_of(cfg))
     batch = jax.tree.map(jnp.asarray, next(make_loader(cfg, seed=0)))
 
     def keep_and_cond(step_cfg, seed):
@@ -240,8 +244,23 @@ import jax, jax.numpy as jnp, numpy as np, sys
 sys.path.insert(0, {root!r})
 from tests.test_train import micro_config
 from pbe_jax import parallel
-from pbe_jax.train.loop import build_trainer, make_loader
+from pbe_jax.train.loop import make_loader
+from pbe_jax.train.trainer import build_trainer
 assert len(jax.devices()) == 8
+# The state is born on the mesh (params placed, frozen towers cast as placed, AdamW's moments, EMA, step and
+# RNG made by one jit with the state's shardings as outputs): exactly the state created whole on the host and
+# then placed, leaf for leaf and bit for bit, in bf16 frozen towers and with EMA.
+from pbe_jax.train import state as train_state
+from pbe_jax.train.trainer import models_of
+cfg = micro_config("model.frozen_dtype=bfloat16", "ema_decay=0.9")
+t = build_trainer(cfg, mesh=parallel.make_mesh(1, 8))
+_, params, frozen = train_state.split(models_of(cfg), cfg.model.trainable)
+whole = train_state.create(params, jax.tree.map(lambda a: a.astype(jnp.bfloat16), frozen),
+                           train_state.make_optimizer(cfg.optim), ema=True, seed=cfg.seed)
+assert jax.tree.structure(whole) == jax.tree.structure(t.state)
+for a, b, s in zip(jax.tree.leaves(whole), jax.tree.leaves(t.state), jax.tree.leaves(t.shardings)):
+    assert b.sharding == s and a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(t.state.opt_state))
 batches = [next(it) for it in [make_loader(micro_config("data.batch_size=8"), seed=0)] for _ in range(2)]
 # data parallel over 2 and fsdp over 4 at once: the batch split one way, the parameters the other (a pure
 # data-parallel mesh is the same program with fsdp 1, and its gradient all-reduce is this one's over "data").

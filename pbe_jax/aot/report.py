@@ -151,7 +151,7 @@ def train_report(cfg, topo: Topology, hlo_path: str | None = None) -> dict:
     """The training step `train.py` builds for `cfg` (shapes only: `abstract_trainer`), on its (data, fsdp)
     mesh over the topology's devices (data across slices), for the batch the loader yields."""
     from pbe_jax import parallel
-    from pbe_jax.train.loop import abstract_trainer, batch_spec
+    from pbe_jax.train.trainer import abstract_trainer, batch_spec
 
     cfg, note = shape_config(cfg)
     n = topo.chips
@@ -205,26 +205,24 @@ def sample_report(models, topo: Topology, *, batch_size: int, sampler: str, step
 
 
 def sample_models(pretrained: str | None, config: str | None, dtype: str, attention: str):
-    """Shapes only: a folder's (or single file's) configs, or a named training config's networks; their kernels
-    stored as `PaintByExample.from_pretrained` stores them (in a half-precision compute dtype)."""
-    import jax.numpy as jnp
-
-    from pbe_jax import convert
-    from pbe_jax.models import Policy
+    """Shapes only (`convert.build_models(…, abstract=True)`): a folder's (or single file's) configs, or a named
+    training config's networks; their kernels stored as `PaintByExample.from_pretrained` stores them (in a
+    half-precision compute dtype)."""
+    from pbe_jax.convert.build import build_models
+    from pbe_jax.convert.source import ModelSource
     from pbe_jax.models.layers import store_kernels_in_compute_dtype
 
-    policy = Policy(dtype=jnp.dtype(dtype), attention_backend=attention)
     if pretrained:
         from pbe_jax.pipeline import resolve_pretrained
 
-        models = convert.load_abstract(resolve_pretrained(pretrained), policy=policy)
+        source = ModelSource.pretrained(resolve_pretrained(pretrained), dtype=dtype, attention=attention)
+        models = build_models(source, abstract=True)
     else:
         from pbe_jax.train import config as config_lib
-        from pbe_jax.train.loop import abstract_models
 
         cfg, _ = shape_config(config_lib.load(config))
         cfg = config_lib.override(cfg, [f"model.dtype={dtype}", f"model.attention={attention}"])
-        models = abstract_models(cfg)
+        models = build_models(cfg.model, seed=cfg.seed, reference_size=cfg.data.reference_size, abstract=True)
     store_kernels_in_compute_dtype(*models.components().values())
     return models
 

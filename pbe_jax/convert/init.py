@@ -104,19 +104,41 @@ def from_stable_diffusion(sd: str | Path, clip_folder: str | Path, *, policy: Po
     state["conv_in.weight"] = np.concatenate([w, np.zeros((w.shape[0], 5) + w.shape[2:], w.dtype)], axis=1)
     unet = from_state_dict("unet", {**unet_cfg, "in_channels": 9}, state, policy=policy, source=path)
 
-    clip_cfg_path = clip_folder / "config.json"
-    clip_cfg = CLIPVisionConfig.from_dict({**read_json(clip_cfg_path), "projection_dim": unet.config.cross_attention_dim[0]},
-                                          str(clip_cfg_path))
+    clip_cfg = _clip_config(clip_folder, unet.config.cross_attention_dim[0])
     clip_path = find_weights(clip_folder)
     tower = clip_vision_state(clip_path)
     fresh = random_params(PaintByExampleImageEncoder, clip_cfg, policy, seed, only=BOTTLENECK)
     encoder = mapping.from_torch(PaintByExampleImageEncoder, clip_cfg, policy, tower, str(clip_path), given=fresh)
+    return PaintByExampleModels(unet, vae, encoder, {**extras, **_feature_extractor(clip_folder, sd)})
 
+
+def stable_diffusion_configs(sd: str | Path, clip_folder: str | Path) -> tuple[dict, dict]:
+    """({"unet", "vae", "image_encoder"} configs, extra configs) of what `from_stable_diffusion` builds, read
+    from the config.json files of the folders (of a single file: its tensors' shapes), no weight loaded."""
+    sd, clip_folder = storage.path(sd), storage.path(clip_folder)
+    if ldm_file.is_single_file(sd):
+        configs, extras = ldm_file.read_configs(sd, "sd1")
+    else:
+        configs = {name: read_json(sd / name / "config.json") for name in ("unet", "vae")}
+        scheduler = sd / "scheduler" / "scheduler_config.json"
+        extras = {"scheduler": read_json(scheduler)} if scheduler.is_file() else {}
+    unet = UNetConfig.from_dict({**configs["unet"], "in_channels": 9}, "unet config")
+    configs.update(unet=unet, image_encoder=_clip_config(clip_folder, unet.cross_attention_dim[0]))
+    return configs, {**extras, **_feature_extractor(clip_folder, sd)}
+
+
+def _clip_config(clip_folder: Path, projection_dim: int) -> CLIPVisionConfig:
+    """The image encoder's config: the CLIP folder's, projecting to the UNet's cross-attention width."""
+    path = clip_folder / "config.json"
+    return CLIPVisionConfig.from_dict({**read_json(path), "projection_dim": projection_dim}, str(path))
+
+
+def _feature_extractor(clip_folder: Path, sd: Path) -> dict:
+    """{"feature_extractor": …} from the CLIP folder's preprocessor config, else SD's; {} without either."""
     for fe in (clip_folder / "preprocessor_config.json", sd / "feature_extractor" / "preprocessor_config.json"):
         if fe.is_file():
-            extras["feature_extractor"] = read_json(fe)
-            break
-    return PaintByExampleModels(unet, vae, encoder, extras)
+            return {"feature_extractor": read_json(fe)}
+    return {}
 
 
 def clip_vision_state(path: str | Path) -> dict:
@@ -137,4 +159,4 @@ def from_paint_by_example(folder: str | Path, *, policy: Policy = Policy(), ema:
 
 
 __all__ = ["BOTTLENECK", "WeightsError", "clip_vision_state", "from_paint_by_example", "from_scratch", "from_stable_diffusion",
-           "random_module", "random_params"]
+           "random_module", "random_params", "stable_diffusion_configs"]

@@ -9,6 +9,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from pbe_jax.convert.source import ModelSource
+
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -31,29 +33,15 @@ class LoRASettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    # "sd" (SD v1.x: sd_folder or sd_file, + a CLIP vision folder), "pbe" (a Paint-by-Example pbe_folder or the
-    # original release's pbe_file), "components" (pretrained vae/ and image_encoder/ component folders, UNet
-    # from scratch), "scratch"
-    init: str = "scratch"
-    sd_folder: str = ""
-    sd_file: str = ""  # an SD v1 single file: sd-v1-4.ckpt, v1-5-pruned-emaonly.safetensors
-    clip_folder: str = ""
-    pbe_folder: str = ""
-    pbe_file: str = ""  # the original release's model.ckpt
-    ema: bool = True  # a single file's EMA weights, when it has them
-    vae_folder: str = ""
-    image_encoder_folder: str = ""
-    unet: dict = dataclasses.field(default_factory=dict)  # config.json keys, for "scratch"
-    vae: dict = dataclasses.field(default_factory=dict)
-    image_encoder: dict = dataclasses.field(default_factory=dict)
+class ModelConfig(ModelSource):
+    """model: where the networks come from (`ModelSource`: init, folders and files, configs, dtype, attention)
+    and what trains."""
+
     # What trains: module path prefixes. The paper's: UNet, mapper, LayerNorm, projection, uncond vector.
     trainable: tuple = ("unet", "image_encoder.mapper", "image_encoder.final_layer_norm", "image_encoder.proj_out",
                         "image_encoder.uncond_vector")
-    dtype: str = "bfloat16"  # compute
     frozen_dtype: str = "float32"  # storage of the frozen VAE and CLIP tower ("bfloat16" halves it)
     remat: bool = False  # recompute each UNet block in the backward pass
-    attention: str = "auto"
     lora: LoRASettings = LoRASettings()
 
 

@@ -3,13 +3,14 @@ the optimiser, EMA, step and RNG — one pytree that jit shards, donates and orb
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from pbe_jax import parallel
 from pbe_jax.convert import PaintByExampleModels
 from pbe_jax.lora import Factors
 from pbe_jax.train.config import OptimConfig
@@ -69,7 +70,21 @@ def split(models: PaintByExampleModels, trainable: tuple[str, ...], adapter=None
 
 
 def create(params, frozen, optimizer: optax.GradientTransformation, *, ema: bool, seed: int) -> TrainState:
+    """The state at step 0: AdamW's moments at zero, the EMA a copy of the params, the RNG from `seed`."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
                       opt_state=optimizer.init(params),
                       ema=jax.tree.map(jnp.copy, params) if ema else None,
                       rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def create_on_mesh(params, frozen, create_fn: Callable[[Any, Any], TrainState], shardings: TrainState, *,
+                   frozen_dtype) -> TrainState:
+    """The state made where it lives: the trainable params placed on their shards; the frozen towers placed as
+    they are cast to `frozen_dtype`, one array at a time; the optimiser state, EMA, step and RNG made by
+    `create_fn(params, None)` jitted with the state's shardings as its outputs (the placed params donated, so
+    they are not copied). No process holds more than its shards of the state beyond the weights as given."""
+    params = parallel.place(params, shardings.params)
+    frozen = parallel.place(frozen, shardings.frozen, dtype=frozen_dtype)
+    rest = dataclasses.replace(shardings, frozen=None)
+    state = jax.jit(lambda p: create_fn(p, None), out_shardings=rest, donate_argnums=0)(params)
+    return dataclasses.replace(state, frozen=frozen)
