@@ -18,6 +18,8 @@ import pytest
 from flax import nnx
 
 from pbe_jax import parallel
+from pbe_jax.convert.build import build_models
+from pbe_jax.convert.source import ModelSource
 from pbe_jax.train import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +97,8 @@ def test_init_from_stable_diffusion(tmp_path):
     clip.save_pretrained(tmp_path / "clip")
 
     models = from_stable_diffusion(tmp_path / "sd", tmp_path / "clip")
+    source = ModelSource(init="sd", sd_folder=str(tmp_path / "sd"), clip_folder=str(tmp_path / "clip"))
+    assert_same_networks(build_models(source), build_models(source, abstract=True))
     kernel = np.asarray(models.unet.conv_in.kernel[...])  # HWIO
     assert kernel.shape[2] == 9 and np.all(kernel[:, :, 4:] == 0)
     np.testing.assert_array_equal(kernel[:, :, :4], sd_unet.conv_in.weight.detach().numpy().transpose(2, 3, 1, 0))
@@ -106,6 +110,36 @@ def test_init_from_stable_diffusion(tmp_path):
     assert np.abs(enc[("proj_out", "kernel")]).max() > 0  # the bottleneck is initialised, not zero
     with pytest.raises(ValueError, match="in_channels is 9"):
         from_stable_diffusion(reference.save_tiny(tmp_path / "pbe", "sd"), tmp_path / "clip")
+
+
+def assert_same_networks(models, shapes):
+    """Two builds of the same networks (one may be shapes only) agree: configs, extra configs, every
+    parameter's path, shape and dtype."""
+    assert models.extra_configs == shapes.extra_configs
+    for name, module in models.components().items():
+        other = shapes.components()[name]
+        assert module.config == other.config, name
+        flat = lambda m: {p: (tuple(v.get_value().shape), v.get_value().dtype)  # noqa: E731
+                          for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+        assert flat(module) == flat(other), name
+
+
+def test_one_builder_for_every_init_with_weights_or_shapes(tiny_folder):
+    """convert.build_models: a Paint-by-Example folder, its components under a new UNet, a config from scratch
+    (SD v1.x: test_init_from_stable_diffusion), built with weights and from shapes alone, agree; bad inits and
+    sources are errors that name the keys."""
+    folder = Path(tiny_folder("sd"))  # a tiny Paint-by-Example pipeline in SD-1.x's layout
+    micro = micro_config().model
+    for source in (ModelSource.pretrained(folder), micro,
+                   ModelSource(init="components", vae_folder=str(folder / "vae"), unet=micro.unet,
+                               image_encoder_folder=str(folder / "image_encoder"))):
+        shapes = build_models(source, abstract=True)
+        assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(shapes.unet)))
+        assert_same_networks(build_models(source), shapes)
+    with pytest.raises(ValueError, match="model.init must be 'sd', 'pbe', 'components' or 'scratch', not 'bogus'"):
+        build_models(ModelSource(init="bogus"), abstract=True)
+    with pytest.raises(ValueError, match="model.pbe_folder and model.pbe_file, not both"):
+        build_models(ModelSource(init="pbe", pbe_folder="a", pbe_file="b"))
 
 
 def test_step_updates_only_trainable_parts_and_learns():
@@ -244,6 +278,8 @@ import jax, jax.numpy as jnp, numpy as np, sys
 sys.path.insert(0, {root!r})
 from tests.test_train import micro_config
 from pbe_jax import parallel
+from pbe_jax.convert.build import build_models
+from pbe_jax.convert.source import ModelSource
 from pbe_jax.train.loop import make_loader
 from pbe_jax.train.trainer import build_trainer
 assert len(jax.devices()) == 8

@@ -80,11 +80,12 @@ def create(params, frozen, optimizer: optax.GradientTransformation, *, ema: bool
 def create_on_mesh(params, frozen, create_fn: Callable[[Any, Any], TrainState], shardings: TrainState, *,
                    frozen_dtype) -> TrainState:
     """The state made where it lives: the trainable params placed on their shards; the frozen towers placed as
-    they are cast to `frozen_dtype`, one array at a time; the optimiser state, EMA, step and RNG made by
-    `create_fn(params, None)` jitted with the state's shardings as its outputs (the placed params donated, so
-    they are not copied). No process holds more than its shards of the state beyond the weights as given."""
+    they are cast to `frozen_dtype`, one array at a time; the optimiser state, EMA, step and RNG made from the
+    placed params by `create_fn(params, None)` jitted with their shardings as its outputs. No process holds
+    more than its shards of the state beyond the weights as given. (The params do not pass through the jit:
+    their output would be a copy, or, donated, would delete a caller's arrays that placing did not copy.)"""
     params = parallel.place(params, shardings.params)
     frozen = parallel.place(frozen, shardings.frozen, dtype=frozen_dtype)
-    rest = dataclasses.replace(shardings, frozen=None)
-    state = jax.jit(lambda p: create_fn(p, None), out_shardings=rest, donate_argnums=0)(params)
-    return dataclasses.replace(state, frozen=frozen)
+    rest = dataclasses.replace(shardings, params=None, frozen=None)
+    born = jax.jit(lambda p: dataclasses.replace(create_fn(p, None), params=None), out_shardings=rest)(params)
+    return dataclasses.replace(born, params=params, frozen=frozen)
