@@ -43,7 +43,6 @@ from pathlib import Path
 # Shared with the web page and the library; plain values, so --help imports no JAX.
 from pbe_jax.defaults import (DEFAULT_SAMPLER, DEFAULT_SCALE, DEFAULT_STEPS, ROOT, SAMPLERS, SHIPPED_EXAMPLE,
                               SHIPPED_MODEL)
-from pbe_jax.defaults import GRID_HEIGHT  # noqa: F401 -- the height of OUT_grid.png's small edits (images.edit_grid)
 
 DEFAULT_MODEL = SHIPPED_MODEL
 DEFAULT_EXAMPLE = SHIPPED_EXAMPLE

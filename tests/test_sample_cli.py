@@ -43,8 +43,8 @@ def test_single_edit_writes_result_and_grid(tiny_folder, tmp_path):
     assert rc == 0
     result = np.asarray(Image.open(tmp_path / "out" / "edit.png"))
     grid = np.asarray(Image.open(tmp_path / "out" / "edit_grid.png"))
-    assert result.shape == (32, 32, 3) and grid.shape[0] == sample.GRID_HEIGHT and grid.shape[1] > 4 * 256
-    factor = sample.GRID_HEIGHT // 32  # enlarged by whole pixels for looking at
+    assert result.shape == (32, 32, 3) and grid.shape[0] == defaults.GRID_HEIGHT and grid.shape[1] > 4 * 256
+    factor = defaults.GRID_HEIGHT // 32  # enlarged by whole pixels for looking at
     np.testing.assert_array_equal(grid[::factor, ::factor][:, -32:], result)
 
 
@@ -61,7 +61,7 @@ def test_samples_draw_several_seeds_into_one_grid(tiny_folder, tmp_path):
     one = np.asarray(Image.open(tmp_path / "one.png")).astype(int)
     assert np.abs(one - edits[1]).max() <= 1 and (one != edits[1]).mean() < 1e-3
     grid = np.asarray(Image.open(tmp_path / "e_grid.png"))
-    factor = sample.GRID_HEIGHT // 32
+    factor = defaults.GRID_HEIGHT // 32
     np.testing.assert_array_equal(grid[::factor, ::factor][:, -32:], edits[2])
 
 
@@ -80,7 +80,6 @@ def test_defaults_are_held_once_and_help_imports_no_jax():
     assert sampler.choices is defaults.SAMPLERS and p.get_default("sampler") is defaults.DEFAULT_SAMPLER
     assert p.get_default("steps") is defaults.DEFAULT_STEPS and p.get_default("scale") is defaults.DEFAULT_SCALE
     assert sample.DEFAULT_MODEL is defaults.SHIPPED_MODEL and sample.DEFAULT_EXAMPLE is defaults.SHIPPED_EXAMPLE
-    assert sample.GRID_HEIGHT is defaults.GRID_HEIGHT
     check = """
 import runpy, sys
 import pbe_jax.defaults, pbe_jax.images

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sample  # noqa: E402
 
+from pbe_jax import defaults  # noqa: E402
 from pbe_jax.eval.metrics import psnr  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def edits(tmp_path_factory):
 def test_no_argument_run_writes_the_edit_and_a_grid(edits):
     edit, grid = read(edits / "edit.png"), read(edits / "edit_grid.png")
     assert edit.shape == (64, 64, 3)
-    assert grid.shape[0] >= sample.GRID_HEIGHT and grid.shape[1] > 4 * grid.shape[0]
+    assert grid.shape[0] >= defaults.GRID_HEIGHT and grid.shape[1] > 4 * grid.shape[0]
 
 
 def test_the_edit_changes_the_box_and_keeps_the_rest(edits):
