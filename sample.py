@@ -44,8 +44,6 @@ from pathlib import Path
 from pbe_jax.defaults import (DEFAULT_SAMPLER, DEFAULT_SCALE, DEFAULT_STEPS, ROOT, SAMPLERS, SHIPPED_EXAMPLE,
                               SHIPPED_MODEL)
 
-DEFAULT_MODEL = SHIPPED_MODEL
-DEFAULT_EXAMPLE = SHIPPED_EXAMPLE
 DEFAULT_OUT = Path("out") / "edit.png"
 
 
@@ -67,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     from pbe_jax import compile_cache
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrained", default=str(DEFAULT_MODEL),
+    p.add_argument("--pretrained", default=str(SHIPPED_MODEL),
                    help="model folder, checkpoint, the original release's single file (model.ckpt, .safetensors), "
                         "or Hub repository id (default: the shipped synthetic model, "
-                        f"{DEFAULT_MODEL.relative_to(ROOT)})")
+                        f"{SHIPPED_MODEL.relative_to(ROOT)})")
     p.add_argument("--lora", metavar="FILE",
                    help="a UNet LoRA adapter in diffusers' layout (pytorch_lora_weights.safetensors, or its folder), "
                         "merged into the model's weights")
@@ -135,8 +133,8 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None):
     if args.batch and any(single):
         p.error("give either --batch or --image/--mask/--reference, not both")
     if not args.batch and not any(single):  # the shipped example
-        args.image, args.mask = (str(DEFAULT_EXAMPLE / f"{r}.png") for r in ("source", "mask"))
-        args.reference = [str(DEFAULT_EXAMPLE / "reference.png")]
+        args.image, args.mask = (str(SHIPPED_EXAMPLE / f"{r}.png") for r in ("source", "mask"))
+        args.reference = [str(SHIPPED_EXAMPLE / "reference.png")]
     elif not args.batch and not all(single):
         p.error("one edit needs --image, --mask and --reference (or none of them for the shipped example)")
     if args.batch and not args.out:

@@ -81,19 +81,21 @@ def global_batch(local: Any, mesh: Mesh) -> Any:
 
 
 def place(tree: Any, shardings: Any, dtype: Any = None) -> Any:
-    """Arrays every process holds whole (host or local device) as global arrays with `shardings`, cast to
-    `dtype` first if given (on the host, one array at a time: only one whole copy exists at once). With several
-    processes each fills only its own shards from its copy: `jax.device_put` would instead check the copies
-    equal across processes and compile a resharding per array, a collective and a compile per parameter."""
-    if jax.process_count() == 1 and dtype is None:
-        return jax.device_put(tree, shardings)
+    """Arrays every process holds whole (host or local device) as global arrays with `shardings`, those of
+    another dtype cast to `dtype` first if given (on the host, one array at a time: only one whole copy exists
+    at once). With several processes each fills only its own shards from its copy: `jax.device_put` would
+    instead check the copies equal across processes and compile a resharding per array, a collective and a
+    compile per parameter."""
+    def cast(x):
+        if dtype is None or x.dtype == dtype:
+            return x
+        return np.asarray(jax.device_get(x)).astype(dtype)
+
+    if jax.process_count() == 1:
+        return jax.tree.map(lambda x, sharding: jax.device_put(cast(x), sharding), tree, shardings)
 
     def put(x, sharding):
-        host = np.asarray(jax.device_get(x))
-        if dtype is not None:
-            host = host.astype(dtype, copy=False)
-        if jax.process_count() == 1:
-            return jax.device_put(host, sharding)
+        host = np.asarray(jax.device_get(cast(x)))
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree.map(put, tree, shardings)

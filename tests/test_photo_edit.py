@@ -7,10 +7,10 @@ import pytest
 from PIL import Image
 
 import sample
-from pbe_jax import images, memory, regions
+from pbe_jax import defaults, images, memory, regions
 from pbe_jax.pipeline import PaintByExample
 
-MODEL = sample.DEFAULT_MODEL  # the shipped model: 64² native, factor 4, working sizes in multiples of 16
+MODEL = defaults.SHIPPED_MODEL  # the shipped model: 64² native, factor 4, working sizes in multiples of 16
 # sample.py's sampler and few steps everywhere, one photo size: the tests share a handful of compiled programs
 # (through the session's persistent compilation cache, across workers too).
 FAST = dict(steps=3, sampler="dpmpp_2m")

@@ -67,9 +67,9 @@ def test_samples_draw_several_seeds_into_one_grid(tiny_folder, tmp_path):
 
 def test_no_arguments_means_the_shipped_model_and_example():
     args = sample.parse_args([])
-    assert Path(args.pretrained) == sample.DEFAULT_MODEL and args.out == str(sample.DEFAULT_OUT)
+    assert Path(args.pretrained) == defaults.SHIPPED_MODEL and args.out == str(sample.DEFAULT_OUT)
     for role, path in (("source", args.image), ("mask", args.mask), ("reference", args.reference[0])):
-        assert Path(path) == sample.DEFAULT_EXAMPLE / f"{role}.png" and Path(path).is_file()
+        assert Path(path) == defaults.SHIPPED_EXAMPLE / f"{role}.png" and Path(path).is_file()
 
 
 def test_defaults_are_held_once_and_help_imports_no_jax():
@@ -79,7 +79,6 @@ def test_defaults_are_held_once_and_help_imports_no_jax():
     sampler = next(a for a in p._actions if a.dest == "sampler")
     assert sampler.choices is defaults.SAMPLERS and p.get_default("sampler") is defaults.DEFAULT_SAMPLER
     assert p.get_default("steps") is defaults.DEFAULT_STEPS and p.get_default("scale") is defaults.DEFAULT_SCALE
-    assert sample.DEFAULT_MODEL is defaults.SHIPPED_MODEL and sample.DEFAULT_EXAMPLE is defaults.SHIPPED_EXAMPLE
     check = """
 import runpy, sys
 import pbe_jax.defaults, pbe_jax.images

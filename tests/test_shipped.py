@@ -22,7 +22,7 @@ def read(path) -> np.ndarray:
 
 
 def test_shipped_folder_is_small_safetensors_in_diffusers_layout():
-    folder = sample.DEFAULT_MODEL
+    folder = defaults.SHIPPED_MODEL
     files = [p for p in folder.rglob("*") if p.is_file()]
     weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".ckpt", ".pt")]
     assert {p.parent.name for p in weights} == {"unet", "vae", "image_encoder"}
@@ -39,8 +39,8 @@ def test_shipped_folder_opens_in_diffusers_with_the_same_weights():
     from pbe_jax.convert.diffusers import COMPONENTS
     from pbe_jax.parity import reference
 
-    nets = reference.load_torch(sample.DEFAULT_MODEL)
-    ours = load(sample.DEFAULT_MODEL).components()
+    nets = reference.load_torch(defaults.SHIPPED_MODEL)
+    ours = load(defaults.SHIPPED_MODEL).components()
     for name, module in nets.items():
         assert isinstance(module, torch.nn.Module)
         # (in the names this port reads: transformers 5 nests the CLIP tower's keys one level deeper)
@@ -57,7 +57,7 @@ def edits(tmp_path_factory):
     plus the same edit with seeds 1 and 2 and with an exemplar of another colour."""
     out = tmp_path_factory.mktemp("shipped")
     assert sample.main(["--out", str(out / "edit.png"), "--steps", "20", "--samples", "3"]) == 0
-    example = sample.DEFAULT_EXAMPLE
+    example = defaults.SHIPPED_EXAMPLE
     recoloured = read(example / "reference.png")[..., [2, 0, 1]]  # channels turned: the green star turns blue
     Image.fromarray(np.ascontiguousarray(recoloured)).save(out / "recoloured.png")
     assert sample.main(["--image", str(example / "source.png"), "--mask", str(example / "mask.png"),
@@ -73,8 +73,8 @@ def test_no_argument_run_writes_the_edit_and_a_grid(edits):
 
 
 def test_the_edit_changes_the_box_and_keeps_the_rest(edits):
-    source = read(sample.DEFAULT_EXAMPLE / "source.png")
-    mask = read(sample.DEFAULT_EXAMPLE / "mask.png")[..., 0] > 127
+    source = read(defaults.SHIPPED_EXAMPLE / "source.png")
+    mask = read(defaults.SHIPPED_EXAMPLE / "mask.png")[..., 0] > 127
     edit = read(edits / "edit.png")
     assert psnr(edit, source, mask) > 20  # outside the box: only the small VAE's reconstruction error
     inside = np.abs(edit[mask].astype(int) - source[mask]).mean()
@@ -83,7 +83,7 @@ def test_the_edit_changes_the_box_and_keeps_the_rest(edits):
 
 
 def test_the_edit_follows_the_exemplar_and_varies_with_the_seed(edits):
-    mask = read(sample.DEFAULT_EXAMPLE / "mask.png")[..., 0] > 127
+    mask = read(defaults.SHIPPED_EXAMPLE / "mask.png")[..., 0] > 127
     first, second, third = (read(edits / n)[mask].astype(int) for n in ("edit.png", "edit_1.png", "edit_2.png"))
     other = read(edits / "other.png")[mask].astype(int)
     seed_change = np.abs(first - second).mean()
@@ -94,7 +94,7 @@ def test_the_edit_follows_the_exemplar_and_varies_with_the_seed(edits):
     # object's (the example: a white square masked, a green star as the exemplar).
     from pbe_jax.data.synthetic import COLOURS
 
-    label = json.loads((sample.DEFAULT_EXAMPLE / "label.json").read_text())
+    label = json.loads((defaults.SHIPPED_EXAMPLE / "label.json").read_text())
     wanted, before = (np.asarray(COLOURS[label[k]["colour"]]) for k in ("reference", "original"))
     for edit in (first, second, third):
         mean = edit.mean(0)

@@ -1,6 +1,7 @@
 """Where training starts: Stable Diffusion v1.x plus a CLIP vision tower (the paper's initialisation:
-`conv_in` widened 4 → 9 with zeros, bottleneck and uncond vector fresh), a Paint-by-Example folder
-(fine-tuning), or random weights for small configurations. Random weights are drawn with numpy on the
+`conv_in` widened 4 → 9 with zeros, bottleneck and uncond vector fresh), with weights or its configs alone, or
+random weights for small configurations (`convert.build_models` picks; fine-tuning a Paint-by-Example folder is
+`convert.load`). Random weights are drawn with numpy on the
 host, with PyTorch's default schemes, so no jitted initialisation ever runs."""
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from flax import nnx
 from pbe_jax import storage
 from pbe_jax.convert import ldm_file, mapping
 from pbe_jax.convert.diffusers import COMPONENTS, PaintByExampleModels, from_state_dict, load_component, read_json
-from pbe_jax.convert.formats import load
 from pbe_jax.convert.weights import WeightsError, find_weights, load_file
 from pbe_jax.models import CLIPVisionConfig, PaintByExampleImageEncoder, Policy, UNetConfig, VAEConfig
 from pbe_jax.storage import Path
@@ -86,10 +86,7 @@ def _sd_parts(sd: Path, policy: Policy, ema: bool) -> tuple[dict, dict, str, nnx
         raise ValueError(f"{sd / 'unet' / 'config.json'}: in_channels is {unet_cfg.get('in_channels')}, "
                          f"an SD v1.x text-to-image UNet has 4")
     path = find_weights(sd / "unet")
-    extras = {}
-    if (sd / "scheduler" / "scheduler_config.json").is_file():
-        extras["scheduler"] = read_json(sd / "scheduler" / "scheduler_config.json")
-    return unet_cfg, load_file(path), str(path), load_component(sd / "vae", "vae", policy=policy), extras
+    return unet_cfg, load_file(path), str(path), load_component(sd / "vae", "vae", policy=policy), _scheduler(sd)
 
 
 def from_stable_diffusion(sd: str | Path, clip_folder: str | Path, *, policy: Policy = Policy(),
@@ -119,12 +116,16 @@ def stable_diffusion_configs(sd: str | Path, clip_folder: str | Path) -> tuple[d
     if ldm_file.is_single_file(sd):
         configs, extras = ldm_file.read_configs(sd, "sd1")
     else:
-        configs = {name: read_json(sd / name / "config.json") for name in ("unet", "vae")}
-        scheduler = sd / "scheduler" / "scheduler_config.json"
-        extras = {"scheduler": read_json(scheduler)} if scheduler.is_file() else {}
+        configs, extras = {name: read_json(sd / name / "config.json") for name in ("unet", "vae")}, _scheduler(sd)
     unet = UNetConfig.from_dict({**configs["unet"], "in_channels": 9}, "unet config")
     configs.update(unet=unet, image_encoder=_clip_config(clip_folder, unet.cross_attention_dim[0]))
     return configs, {**extras, **_feature_extractor(clip_folder, sd)}
+
+
+def _scheduler(sd: Path) -> dict:
+    """{"scheduler": …} from an SD folder's scheduler config; {} without one."""
+    path = sd / "scheduler" / "scheduler_config.json"
+    return {"scheduler": read_json(path)} if path.is_file() else {}
 
 
 def _clip_config(clip_folder: Path, projection_dim: int) -> CLIPVisionConfig:
@@ -152,11 +153,5 @@ def clip_vision_state(path: str | Path) -> dict:
     return state
 
 
-def from_paint_by_example(folder: str | Path, *, policy: Policy = Policy(), ema: bool = True) -> PaintByExampleModels:
-    """Fine-tuning: every network, the bottleneck and the uncond vector as released (a folder, or the original
-    release's single file)."""
-    return load(folder, policy=policy, ema=ema)
-
-
-__all__ = ["BOTTLENECK", "WeightsError", "clip_vision_state", "from_paint_by_example", "from_scratch", "from_stable_diffusion",
+__all__ = ["BOTTLENECK", "WeightsError", "clip_vision_state", "from_scratch", "from_stable_diffusion",
            "random_module", "random_params", "stable_diffusion_configs"]
