@@ -525,7 +525,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert saved and max(saved) == good
 
 
-def test_train_cli_writes_metrics_samples_and_a_loadable_export(tmp_path):
+def test_train_cli_writes_metrics_samples_and_a_loadable_export(tmp_path, monkeypatch):
     r = run_train(tmp_path / "run", "steps=4", "ckpt_every=2", "sample_every=4", "sample_steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -550,11 +550,16 @@ def test_train_cli_writes_metrics_samples_and_a_loadable_export(tmp_path):
     assert out.shape == (1, 32, 32, 3)
 
     # --export rebuilds the model from the config saved with a checkpoint: the latest gives the run's own export
-    # bit for bit, an earlier step other weights.
+    # bit for bit, an earlier step other weights. The networks are built from shapes only (as a resumed run's
+    # are): every array, the frozen towers included, comes from the checkpoint.
+    from pbe_jax.train import trainer as trainer_lib
     from pbe_jax.train.loop import export_checkpoint
 
+    built, build = [], trainer_lib.build_models
+    monkeypatch.setattr(trainer_lib, "build_models", lambda *a, **k: built.append(k["abstract"]) or build(*a, **k))
     assert export_checkpoint(tmp_path / "run", out=tmp_path / "again") == (4, tmp_path / "again")
     assert export_checkpoint(tmp_path / "run", step=2) == (2, tmp_path / "run" / "export_2")
+    assert built == [True, True]
     at_end, again, at_2 = (final_params(tmp_path / "run"), final_params_of(tmp_path / "again"),
                            final_params_of(tmp_path / "run" / "export_2"))
     flat = lambda params: {(c, k): v for c, p in params.items() for k, v in p.items()}  # noqa: E731

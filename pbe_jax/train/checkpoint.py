@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-
 from pbe_jax import storage
 
 
@@ -51,6 +49,3 @@ class Checkpoints:
         self.manager.wait_until_finished()
         self.manager.close()
 
-
-def abstract(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

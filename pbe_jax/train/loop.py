@@ -17,11 +17,11 @@ import numpy as np
 from pbe_jax import parallel, storage
 from pbe_jax.images import grid, save_png
 from pbe_jax.storage import Path, PathLike
-from pbe_jax.train.checkpoint import Checkpoints, abstract
+from pbe_jax.train.checkpoint import Checkpoints
 from pbe_jax.train.config import TrainConfig, differences, from_dict, to_dict
 from pbe_jax.train.metrics import MetricsWriter
 from pbe_jax.train.preemption import Preempted, PreemptionWatch
-from pbe_jax.train.trainer import Trainer, build_trainer
+from pbe_jax.train.trainer import Trainer, abstract_trainer, build_trainer
 
 
 class TrainingDiverged(RuntimeError):
@@ -129,6 +129,14 @@ def open_workdir(workdir: PathLike) -> Path:
     return workdir
 
 
+def restored_trainer(cfg: TrainConfig, ckpt: Checkpoints, step: int) -> Trainer:
+    """The Trainer of checkpoint `step`: built from shapes (`abstract_trainer`: no weight read, drawn or
+    allocated), its whole state, the frozen towers included, then read from the checkpoint onto its shardings."""
+    trainer = abstract_trainer(cfg)
+    trainer.state = ckpt.restore(step, trainer.state)
+    return trainer
+
+
 @dataclasses.dataclass(frozen=True)
 class Periodic:
     """A named action run after a step: every `every` steps (for each nonzero entry), at the run's last step
@@ -167,9 +175,8 @@ class Run:
         self.loader = closing.enter_context(make_loader(cfg, seed=cfg.seed))
         if latest is not None:
             self.loader.set_state(data_state)
-        self.trainer: Trainer = build_trainer(cfg)
+        self.trainer: Trainer = build_trainer(cfg) if latest is None else restored_trainer(cfg, self.ckpt, self.start)
         if latest is not None:
-            self.trainer.state = self.ckpt.restore(self.start, abstract(self.trainer.state, self.trainer.shardings))
             changed = differences(saved, to_dict(cfg))
             if self.lead:
                 print(f"resumed from step {self.start}")
@@ -318,8 +325,7 @@ def export_checkpoint(workdir: PathLike, step: int | None = None, out: PathLike 
             raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint at step {step} (there are: "
                                     f"{', '.join(map(str, steps))})")
         cfg = from_dict(ckpt.config(step), where=f"{workdir / 'checkpoints' / str(step)} config")
-        trainer = build_trainer(cfg)
-        trainer.state = ckpt.restore(step, abstract(trainer.state, trainer.shardings))
+        trainer = restored_trainer(cfg, ckpt, step)
     finally:
         ckpt.close()
     out = storage.path(out) if out is not None else workdir / ("export" if step == steps[-1] else f"export_{step}")
