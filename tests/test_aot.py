@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pbe_jax import aot
+from pbe_jax.models import UNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "checkpoints" / "synthetic"
@@ -227,6 +228,23 @@ def test_sampler_of_the_shipped_model(tmp_path, short_splash):
     # data parallel, and guidance's doubled batch keeps each sample's rows on its chip: nothing crosses chips
     # (with [uncond; cond] stacked, 5 all-to-alls and 5 collective-permutes ran inside the loop)
     assert not any(c["count"] for c in r["collectives"].values()), r["collectives"]
+
+
+def test_sampler_models_of_a_training_config_are_its_networks_as_shapes():
+    """`aot sample --config NAME`: the networks train.py builds for the config (model.dtype and attention as
+    asked), shapes only, their kernels in the half-precision compute dtype as the pipeline stores them."""
+    import jax
+    from flax import nnx
+
+    from pbe_jax.aot.report import sample_models
+    from pbe_jax.train import config as config_lib
+
+    models = sample_models(None, "tiny", "bfloat16", "xla")
+    state = dict(nnx.to_flat_state(nnx.state(models.unet)))
+    assert all(isinstance(v.get_value(), jax.ShapeDtypeStruct) for v in state.values())
+    assert models.unet.config == UNetConfig.from_dict(config_lib.load("tiny").model.unet, "tiny")
+    kernels = {p[-2:]: v.get_value().dtype for p, v in state.items() if p[-1] in ("kernel", "bias")}
+    assert kernels[("conv_in", "kernel")] == "bfloat16" and kernels[("conv_in", "bias")] == "float32"
 
 
 def test_bf16_splash_compiles_through_mosaic_at_highest_matmul_precision(one_chip):

@@ -219,10 +219,11 @@ def sample_models(pretrained: str | None, config: str | None, dtype: str, attent
         models = build_models(source, abstract=True)
     else:
         from pbe_jax.train import config as config_lib
+        from pbe_jax.train.trainer import models_of
 
         cfg, _ = shape_config(config_lib.load(config))
-        cfg = config_lib.override(cfg, [f"model.dtype={dtype}", f"model.attention={attention}"])
-        models = build_models(cfg.model, seed=cfg.seed, reference_size=cfg.data.reference_size, abstract=True)
+        models = models_of(config_lib.override(cfg, [f"model.dtype={dtype}", f"model.attention={attention}"]),
+                           abstract=True)
     store_kernels_in_compute_dtype(*models.components().values())
     return models
 
