@@ -53,9 +53,14 @@ def store_kernels_in_compute_dtype(*nets: nnx.Module) -> None:
             else:
                 todo.setdefault(dtype, []).append(module)
     for dtype, modules in todo.items():
-        cast = jax.jit(lambda kernels, d=dtype: [k.astype(d) for k in kernels])
-        for module, kernel in zip(modules, cast([m.kernel.get_value() for m in modules])):
+        for module, kernel in zip(modules, _cast_all([m.kernel.get_value() for m in modules], dtype)):
             module.kernel.set_value(kernel)
+
+
+@jax.jit(static_argnums=1)
+def _cast_all(arrays: list, dtype) -> list:
+    """`arrays` cast to `dtype`, in one program (compiled once per set of shapes, not per call or per shape)."""
+    return [a.astype(dtype) for a in arrays]
 
 
 def linear(i: int, o: int, bias: bool, policy: Policy, rngs: nnx.Rngs) -> nnx.Linear:
